@@ -1,0 +1,199 @@
+"""Shared plumbing: cache directory, device and dtype choice, torchrun setup, rank-0 printing, seeding.
+
+Every script gets rank, world size and device from `compute_init()` and nowhere else, so a script runs the
+same way as one CPU process or as `torchrun --nproc_per_node=N` on GPUs (NCCL) or CPUs (gloo).
+"""
+
+import logging
+import os
+import random
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("nanochat")
+
+
+def get_base_dir() -> str:
+    """Root of everything a run writes: data, tokenizer, checkpoints. `$NANOCHAT_BASE_DIR` overrides."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def autodetect_device_type() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_device_type(device_type: str | None) -> str:
+    """'' / None / 'auto' mean autodetect; anything else must be a backend this machine has."""
+    if not device_type or device_type == "auto":
+        return autodetect_device_type()
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"--device-type must be one of cuda, mps, cpu (got {device_type!r})")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device-type=cuda was asked for but no CUDA device is visible; use --device-type=cpu")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device-type=mps was asked for but MPS is not available; use --device-type=cpu")
+    return device_type
+
+
+def compute_dtype(device_type: str) -> torch.dtype:
+    """bf16 where the hardware does it natively (CUDA SM80+), fp32 everywhere else."""
+    if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast_context(device_type: str):
+    """Mixed precision on CUDA; a no-op context on CPU / MPS where we train in fp32."""
+    dtype = compute_dtype(device_type)
+    if device_type == "cuda" and dtype == torch.bfloat16:
+        return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return _null_context()
+
+
+@contextmanager
+def _null_context():
+    yield
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Who this process is. `ddp` is True whenever torchrun launched us (even with one process)."""
+
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+
+def get_dist_info() -> tuple[bool, int, int, int]:
+    """(is_ddp, rank, local_rank, world_size) read from the environment torchrun sets."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def compute_init(device_type: str | None = None, seed: int = 42) -> DistInfo:
+    """Pick the device, join the process group when launched by torchrun, seed everything."""
+    device_type = resolve_device_type(device_type)
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl", device_id=device)
+    elif ddp:
+        device = torch.device(device_type)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")
+    else:
+        device = torch.device(device_type)
+    seed_everything(seed)
+    return DistInfo(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def compute_cleanup() -> None:
+    """Leave the process group cleanly so torchrun does not report a hung rank."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def is_master_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only: N processes must not write N copies of every line."""
+    if is_master_process():
+        print(*args, **kwargs)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename: a crash leaves the old file or the new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+@contextmanager
+def atomic_open(path: str, mode: str = "wb"):
+    """Like open(path, mode) for writing, but the file only appears under `path` once the block succeeds."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open only writes; got mode {mode!r}")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def add_flag(parser, name: str, *aliases: str, **kwargs):
+    """Register `--some-flag` so that `--some_flag` works too (nanochat users type both spellings)."""
+    if not name.startswith("--"):
+        raise ValueError(f"add_flag is for long options, got {name!r}")
+    spellings = [name, *aliases]
+    stem = name[2:]
+    for spelled in ("--" + stem.replace("_", "-"), "--" + stem.replace("-", "_")):
+        if spelled not in spellings:
+            spellings.append(spelled)
+    kwargs.setdefault("dest", stem.replace("-", "_"))
+    return parser.add_argument(*spellings, **kwargs)
+
+
+def str2bool(value: str | bool) -> bool:
+    """argparse type for 0/1/true/false flags such as `--mc_auto_batch 1`."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean (1/0/true/false), got {value!r}")
