@@ -1,0 +1,57 @@
+# Shared stage functions for run10.sh, speedrun.sh and run1000.sh (sourced, not run).
+# Each stage is idempotent: it skips work whose result is already on disk, so re-running a recipe resumes.
+
+die() { echo "error: $*" >&2; exit 2; }
+log() { echo "[$(date +%H:%M:%S)] $*"; }
+
+# Install / refresh the environment, then load .mc_env and the venv into this shell.
+recipe_setup() {
+  log "setup ($*)"
+  bash ./mc_setup "$@" --no-data
+  # shellcheck disable=SC1091
+  source ./.mc_env
+  # shellcheck disable=SC1091
+  source ./.venv/bin/activate
+  export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+  mkdir -p "$NANOCHAT_BASE_DIR"
+  if [ ! -f "$NANOCHAT_BASE_DIR/report/header.md" ]; then
+    python -m nanochat.report reset
+  fi
+}
+
+stage_data_embedded() {
+  log "data: embedded default corpus"
+  python -m nanochat.dataset --source embedded
+}
+
+# stage_data_download FIRST TOTAL: fetch FIRST shards now (enough for the tokenizer), the rest in the background.
+stage_data_download() {
+  log "data: downloading $1 shards now, $2 in the background"
+  python -m nanochat.dataset -n "$1"
+  python -m nanochat.dataset -n "$2" > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &
+  DATA_DOWNLOAD_PID=$!
+}
+
+stage_tokenizer() {
+  if [ -f "$NANOCHAT_BASE_DIR/tokenizer/token_bytes.pt" ]; then
+    log "tokenizer: already trained, skipping"
+    return
+  fi
+  log "tokenizer: training"
+  python -m scripts.tok_train "$@"
+  python -m scripts.tok_eval
+}
+
+# Training needs every shard: block until the background download is done, and fail loudly if it failed.
+wait_for_data() {
+  if [ -n "${DATA_DOWNLOAD_PID:-}" ]; then
+    wait "$DATA_DOWNLOAD_PID" || die "background shard download failed; see $NANOCHAT_BASE_DIR/download.log"
+    DATA_DOWNLOAD_PID=""
+  fi
+}
+
+stage_report() {
+  wait_for_data
+  python -m nanochat.report generate
+  log "report: report/report.md"
+}
