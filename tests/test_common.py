@@ -81,3 +81,11 @@ def test_atomic_write_keeps_old_file_when_writer_crashes(tmp_path):
     with atomic_open(str(path), "w") as f:
         f.write("new")
     assert path.read_text() == "new"
+
+
+def test_atomic_files_get_the_normal_mode(tmp_path):
+    path = tmp_path / "shared.txt"
+    atomic_write_bytes(str(path), b"x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
