@@ -1,0 +1,313 @@
+"""MCConfig: every MegaContext setting in one typed dataclass, plus the CLI flags that fill it.
+
+Scripts call `add_mc_args(parser)` once and `MCConfig.from_args(ns)` after parsing; the resolved config is
+stored in checkpoint metadata with `to_dict()` and read back with `from_dict()`. Flag names follow the ones
+MegaContext users already type (`--block_size`, `--gistnet_*`, `--allocator_*`, `--mc_*`); every flag accepts
+both the dash and the underscore spelling.
+
+Values that are derived from others (`W_max` from the model's sequence length, the allocator's soft limit from
+`W_max`, the recent tail and the refocus interval from `block_size`) default to None and are resolved by
+`resolve(sequence_len)`, so a checkpoint records what was actually used.
+"""
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+
+import torch
+
+from nanochat.common import add_flag, compute_dtype, get_base_dir, str2bool
+
+GISTNET_TYPES = ("transformer", "mean")
+POOLINGS = ("mean", "query", "cls")
+HEADS = ("mlp", "linear")
+LENSNET_TYPES = ("transformer",)
+ALLOCATOR_TYPES = ("greedy", "stochastic_greedy")
+TREE_BACKENDS = ("ram", "disk")
+POSITIONAL_SCHEMES = ("wc", "global", "gaussian")
+AUX_DTYPES = ("auto", "fp32", "bf16")
+# 8 / 32 / 128 are the measured settings; any power of two in range works (tests use 2 and 4 for tiny trees).
+MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 2, 1024
+MAX_LOD_LIMIT = 8
+
+
+@dataclass
+class MCConfig:
+    """All MegaContext knobs. Field names equal the flag names (underscore spelling)."""
+
+    mc: bool = False
+    # tree
+    block_size: int = 32
+    mc_max_lod: int = 2
+    mc_tree: str = "ram"
+    mc_tree_dir: str | None = None  # None -> $NANOCHAT_BASE_DIR/mc_tree
+    # GistNet
+    gistnet_type: str = "transformer"
+    gistnet_layers: int = 2
+    gistnet_pooling: str = "mean"
+    gistnet_head: str = "mlp"
+    # LensNet
+    lensnet_type: str = "transformer"
+    lensnet_layers: int = 2
+    lensnet_head: str = "mlp"
+    # focus allocator
+    allocator_type: str = "greedy"
+    allocator_soft_max_length: int | None = None  # None -> mc_wc_max - refocus interval
+    allocator_recent_tokens: int | None = None  # None -> block_size
+    allocator_expand_threshold: float = 0.1
+    allocator_collapse_threshold: float = -0.1
+    allocator_max_replacements: int = 8
+    allocator_iterations: int = 1
+    allocator_sample_top_k: int = 8
+    allocator_sample_temperature: float = 1.0
+    allocator_cooldown: int = 2
+    # working context and positions
+    mc_wc_max: int | None = None  # W_max; None -> the model's sequence_len
+    mc_positional: str = "wc"
+    mc_refocus_interval: int | None = None  # None -> block_size
+    # training
+    mc_aux_dtype: str = "auto"
+    mc_num_random_variants: int = 4
+    mc_train_wc_length: float = 0.2
+    mc_max_counterfactuals: int = 8
+    mc_lens_loss_weight: float = 0.1
+    mc_lens_temperature: float = 1.0
+    mc_auto_batch: bool = True
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def recent_tokens(self) -> int:
+        return self.block_size if self.allocator_recent_tokens is None else self.allocator_recent_tokens
+
+    @property
+    def refocus_interval(self) -> int:
+        return self.block_size if self.mc_refocus_interval is None else self.mc_refocus_interval
+
+    @property
+    def tree_dir(self) -> str:
+        return self.mc_tree_dir or os.path.join(get_base_dir(), "mc_tree")
+
+    def wc_max(self, sequence_len: int | None = None) -> int:
+        """W_max: the explicit flag, else the model's sequence length."""
+        if self.mc_wc_max is not None:
+            return self.mc_wc_max
+        if sequence_len is None:
+            raise ValueError("--mc_wc_max is unset and no sequence_len was given to derive it from")
+        return sequence_len
+
+    def soft_max_length(self, sequence_len: int | None = None) -> int:
+        """The length each refocus brings the WC back to. Between refocus steps up to `refocus_interval` new raw
+        tokens join, so the default leaves exactly that much room under W_max."""
+        if self.allocator_soft_max_length is not None:
+            return self.allocator_soft_max_length
+        return self.wc_max(sequence_len) - self.refocus_interval
+
+    def max_history_tokens(self, sequence_len: int | None = None) -> int:
+        """A history length up to which the coarsest cut (plus the raw tail) is guaranteed to fit the soft limit.
+
+        Every top-level gist covers K^max_lod tokens; beyond this length no legal WC fits, so raise --mc_max_lod
+        or --mc_wc_max for longer conversations.
+        """
+        k, lod = self.block_size, self.mc_max_lod
+        # worst case: the raw tail (recent + an open block) and K-1 leftover gists at each level below the top
+        fixed = self.recent_tokens + (k - 1) + (k - 1) * (lod - 1)
+        return max(0, self.soft_max_length(sequence_len) - fixed) * k**lod + self.recent_tokens
+
+    def resolve(self, sequence_len: int) -> "MCConfig":
+        """A copy with every derived value filled in, validated against the model's sequence length."""
+        out = dataclasses.replace(
+            self,
+            mc_wc_max=self.wc_max(sequence_len),
+            allocator_soft_max_length=self.soft_max_length(sequence_len),
+            allocator_recent_tokens=self.recent_tokens,
+            mc_refocus_interval=self.refocus_interval,
+        )
+        out.validate()
+        if out.mc_wc_max > sequence_len:
+            raise ValueError(
+                f"--mc_wc_max={out.mc_wc_max} exceeds the model's sequence_len={sequence_len}; the base model "
+                f"never saw working contexts that long. Lower --mc_wc_max or train with a longer --max_seq_len."
+            )
+        return out
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "MCConfig":
+        """Raise ValueError naming the first bad setting and how to fix it. Returns self for chaining."""
+        self._validate_choices()
+        self._validate_tree()
+        self._validate_allocator()
+        self._validate_training()
+        return self
+
+    def _validate_choices(self) -> None:
+        for name, allowed in (
+            ("gistnet_type", GISTNET_TYPES),
+            ("gistnet_pooling", POOLINGS),
+            ("gistnet_head", HEADS),
+            ("lensnet_type", LENSNET_TYPES),
+            ("lensnet_head", HEADS),
+            ("allocator_type", ALLOCATOR_TYPES),
+            ("mc_tree", TREE_BACKENDS),
+            ("mc_positional", POSITIONAL_SCHEMES),
+            ("mc_aux_dtype", AUX_DTYPES),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"--{name} must be one of {'|'.join(allowed)} (got {value!r})")
+        for name in ("gistnet_layers", "lensnet_layers"):
+            _require(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
+
+    def _validate_tree(self) -> None:
+        k = self.block_size
+        if not (MIN_BLOCK_SIZE <= k <= MAX_BLOCK_SIZE) or k & (k - 1):
+            raise ValueError(
+                f"--block_size must be a power of two in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}] (8, 32 or 128 are "
+                f"the measured settings); got {k}"
+            )
+        _require(
+            1 <= self.mc_max_lod <= MAX_LOD_LIMIT,
+            f"--mc_max_lod must be in [1, {MAX_LOD_LIMIT}] (got {self.mc_max_lod})",
+        )
+        if self.mc_tree == "disk" and self.mc_tree_dir == "":
+            raise ValueError("--mc_tree disk needs a directory: pass --mc_tree_dir PATH or leave it unset")
+
+    def _validate_allocator(self) -> None:
+        k, r = self.block_size, self.recent_tokens
+        _require(r >= 0 and r % k == 0, f"--allocator_recent_tokens must be a multiple of --block_size={k} (got {r})")
+        for name in ("allocator_max_replacements", "allocator_iterations", "allocator_sample_top_k"):
+            _require(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
+        _require(self.allocator_cooldown >= 0, f"--allocator_cooldown must be >= 0 (got {self.allocator_cooldown})")
+        _require(
+            self.allocator_sample_temperature > 0,
+            f"--allocator_sample_temperature must be > 0 (got {self.allocator_sample_temperature})",
+        )
+        _require(
+            self.allocator_collapse_threshold <= self.allocator_expand_threshold,
+            f"--allocator_collapse_threshold ({self.allocator_collapse_threshold}) must not exceed "
+            f"--allocator_expand_threshold ({self.allocator_expand_threshold}), or one score would both expand "
+            f"and collapse",
+        )
+        _require(self.refocus_interval >= 1, f"--mc_refocus_interval must be >= 1 (got {self.mc_refocus_interval})")
+        if self.mc_wc_max is not None:
+            # after a refocus: the raw tail (up to recent_tokens + K - 1 tokens, the open block) plus at least one
+            # gist; before the next one: up to refocus_interval more raw tokens
+            need, grow = r + k, self.refocus_interval
+            _require(
+                self.mc_wc_max >= need + grow,
+                f"--mc_wc_max={self.mc_wc_max} cannot hold the raw recent tail (up to {r} + {k - 1} tokens), one "
+                f"gist and the {grow} tokens that arrive between refocus steps; use --mc_wc_max >= {need + grow} or "
+                f"lower --allocator_recent_tokens / --mc_refocus_interval",
+            )
+            soft = self.soft_max_length()
+            _require(
+                need <= soft <= self.mc_wc_max - grow,
+                f"--allocator_soft_max_length={soft} must lie in [{need}, --mc_wc_max - refocus interval = "
+                f"{self.mc_wc_max - grow}] so the WC stays within W_max between refocus steps",
+            )
+
+    def _validate_training(self) -> None:
+        _require(
+            0.0 < self.mc_train_wc_length <= 1.0,
+            f"--mc_train_wc_length is a fraction of max_seq_len in (0, 1] (got {self.mc_train_wc_length})",
+        )
+        _require(
+            self.mc_num_random_variants >= 1,
+            f"--mc_num_random_variants must be >= 1 (got {self.mc_num_random_variants})",
+        )
+        _require(
+            self.mc_max_counterfactuals >= 0,
+            f"--mc_max_counterfactuals must be >= 0 (got {self.mc_max_counterfactuals})",
+        )
+        _require(self.mc_lens_loss_weight >= 0, f"--mc_lens_loss_weight must be >= 0 (got {self.mc_lens_loss_weight})")
+        _require(self.mc_lens_temperature > 0, f"--mc_lens_temperature must be > 0 (got {self.mc_lens_temperature})")
+
+    # ------------------------------------------------------------------ precision
+    def resolve_aux_dtype(self, device_type: str) -> torch.dtype:
+        """dtype for GistNet / LensNet: `auto` = bf16 where the hardware does it natively, fp32 elsewhere."""
+        if self.mc_aux_dtype == "fp32":
+            return torch.float32
+        if self.mc_aux_dtype == "bf16":
+            return torch.bfloat16
+        if self.mc_aux_dtype == "auto":
+            return compute_dtype(device_type)
+        raise ValueError(f"--mc_aux_dtype must be one of {'|'.join(AUX_DTYPES)} (got {self.mc_aux_dtype!r})")
+
+    # ------------------------------------------------------------------ (de)serialization
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MCConfig":
+        """Inverse of to_dict. Unknown keys are an error (a checkpoint from a different code version);
+        missing keys take today's defaults."""
+        if not isinstance(data, dict):
+            raise TypeError(f"MCConfig.from_dict expects a dict, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown MegaContext config keys {unknown}: the checkpoint was written by a different version of "
+                f"megacontext/config.py; known keys are {sorted(known)}"
+            )
+        return cls(**data).validate()
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "MCConfig":
+        missing = [f.name for f in fields(cls) if not hasattr(ns, f.name)]
+        if missing:
+            raise ValueError(f"argparse namespace lacks MegaContext flags {missing}; call add_mc_args(parser) first")
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)}).validate()
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def add_mc_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Register every MegaContext flag (dash and underscore spellings) in one argument group."""
+    d = MCConfig()
+    g = parser.add_argument_group("MegaContext")
+    g.add_argument("--mc", action="store_true", help="enable MegaContext (tree + working context + allocator)")
+    add_flag(g, "--mc_enabled", type=str2bool, dest="mc", default=False, help="same as --mc, as 1|0")
+    add_flag(g, "--block_size", type=int, default=d.block_size, help="tokens per gist block K (8, 32, 128)")
+    add_flag(g, "--mc_max_lod", type=int, default=d.mc_max_lod, help="highest gist level of the tree")
+    add_flag(g, "--mc_tree", choices=TREE_BACKENDS, default=d.mc_tree, help="tree storage backend")
+    add_flag(g, "--mc_tree_dir", default=d.mc_tree_dir, help="directory of the disk tree ($NANOCHAT_BASE_DIR/mc_tree)")
+    add_flag(g, "--gistnet_type", choices=GISTNET_TYPES, default=d.gistnet_type)
+    add_flag(g, "--gistnet_layers", type=int, default=d.gistnet_layers)
+    add_flag(g, "--gistnet_pooling", choices=POOLINGS, default=d.gistnet_pooling)
+    add_flag(g, "--gistnet_head", choices=HEADS, default=d.gistnet_head)
+    add_flag(g, "--lensnet_type", choices=LENSNET_TYPES, default=d.lensnet_type)
+    add_flag(g, "--lensnet_layers", type=int, default=d.lensnet_layers)
+    add_flag(g, "--lensnet_head", choices=HEADS, default=d.lensnet_head)
+    add_flag(g, "--allocator_type", "--allocator", choices=ALLOCATOR_TYPES, default=d.allocator_type)
+    add_flag(
+        g,
+        "--allocator_soft_max_length",
+        "--allocator_soft_max",
+        "--allocator-soft-max",
+        type=int,
+        default=None,
+        help="WC length the allocator aims for (default: W_max)",
+    )
+    add_flag(g, "--allocator_recent_tokens", type=int, default=None, help="raw tail kept at level 0 (default: K)")
+    add_flag(g, "--allocator_expand_threshold", type=float, default=d.allocator_expand_threshold)
+    add_flag(g, "--allocator_collapse_threshold", type=float, default=d.allocator_collapse_threshold)
+    add_flag(g, "--allocator_max_replacements", type=int, default=d.allocator_max_replacements)
+    add_flag(g, "--allocator_iterations", type=int, default=d.allocator_iterations)
+    add_flag(g, "--allocator_sample_top_k", type=int, default=d.allocator_sample_top_k)
+    add_flag(g, "--allocator_sample_temperature", type=float, default=d.allocator_sample_temperature)
+    add_flag(g, "--allocator_cooldown", type=int, default=d.allocator_cooldown, help="steps before an edit may flip")
+    add_flag(g, "--mc_wc_max", type=int, default=None, help="W_max, the WC length cap (default: max_seq_len)")
+    add_flag(g, "--mc_positional", "--positional_type", "--positional-type", choices=POSITIONAL_SCHEMES, default="wc")
+    add_flag(g, "--mc_refocus_interval", type=int, default=None, help="tokens between refocus steps (default: K)")
+    add_flag(g, "--mc_aux_dtype", choices=AUX_DTYPES, default=d.mc_aux_dtype)
+    add_flag(g, "--mc_num_random_variants", type=int, default=d.mc_num_random_variants)
+    add_flag(g, "--mc_train_wc_length", type=float, default=d.mc_train_wc_length, help="fraction of max_seq_len")
+    add_flag(g, "--mc_max_counterfactuals", type=int, default=d.mc_max_counterfactuals)
+    add_flag(g, "--mc_lens_loss_weight", type=float, default=d.mc_lens_loss_weight)
+    add_flag(g, "--mc_lens_temperature", type=float, default=d.mc_lens_temperature)
+    add_flag(g, "--mc_auto_batch", type=str2bool, default=d.mc_auto_batch, help="keep the vanilla token budget (1|0)")
+    return g
