@@ -1,0 +1,176 @@
+"""Chat with a trained model in the terminal; the reply streams in as it is generated.
+
+    python -m scripts.chat_cli                              # interactive, latest SFT checkpoint
+    python -m scripts.chat_cli -p "Why is the sky blue?"   # one question, one answer, exit
+    python -m scripts.chat_cli -i mid -g d12 -s 700 -t 1.0 -k 50 --max-tokens 256
+
+Interactive mode keeps the conversation: type `clear` to start a new one, `quit` / `exit` (or Ctrl-D) to leave.
+A one-shot prompt (-p) is also appended to the run report's "Chat samples" section
+(`python -m nanochat.report generate` puts it into report/report.md).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+from nanochat.common import add_flag, compute_init
+from nanochat.report import get_report, slugify
+
+REPORT_SECTION = "Chat samples"
+MAX_REPORT_SAMPLES = 20  # the section keeps the most recent samples only
+SAMPLE_MARKER = "<!-- chat sample -->"  # starts each sample, so the section can be read back sample by sample
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft"], help="which training phase")
+    add_flag(parser, "--model-tag", "-g", default=None, help="model tag, e.g. d12 (default: the largest)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("-p", "--prompt", default=None, help="ask one question, print the reply and exit")
+    parser.add_argument("-t", "--temperature", type=float, default=0.6, help="0 = greedy")
+    add_flag(parser, "--top-k", "-k", type=int, default=50, help="sample among the k likeliest tokens (0 = off)")
+    add_flag(parser, "--max-tokens", "-m", type=int, default=256, help="reply length limit")
+    parser.add_argument("--seed", type=int, default=42, help="sampling seed (turn n of a conversation uses seed+n)")
+    add_flag(parser, "--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
+    return parser
+
+
+def check_args(args) -> None:
+    if not 0 <= args.temperature <= 2:
+        raise ValueError(f"--temperature must be in [0, 2], got {args.temperature}")
+    if not 0 <= args.top_k <= 200:
+        raise ValueError(f"--top-k must be in [0, 200] (0 = off), got {args.top_k}")
+    if not 1 <= args.max_tokens <= 4096:
+        raise ValueError(f"--max-tokens must be in [1, 4096], got {args.max_tokens}")
+
+
+class ChatSession:
+    """A conversation with the model: `ask(text, out)` streams the reply to `out` and remembers both turns."""
+
+    def __init__(self, engine, args):
+        self.engine = engine
+        self.args = args
+        self.messages: list[dict] = []
+
+    def clear(self) -> None:
+        self.messages = []
+
+    def ask(self, text: str, out) -> dict:
+        """Stream the reply to `out`; returns the reply text and counts (for the report)."""
+        from nanochat.web.generation import Reply, SamplingParams, prompt_ids
+
+        self.messages.append({"role": "user", "content": text})
+        prompt = prompt_ids(self.engine.tokenizer, self.messages)
+        room = self.engine.model.config.sequence_len - len(prompt)
+        if room < 1:
+            self.messages.pop()
+            raise ValueError(f"the conversation is {len(prompt)} tokens, the model's whole context; type `clear`")
+        turn = len(self.messages) // 2
+        params = SamplingParams(max_tokens=min(self.args.max_tokens, room), temperature=self.args.temperature,
+                                top_k=self.args.top_k or None, seed=self.args.seed + turn)
+        reply = Reply(self.engine, prompt, params)
+        started, pieces = time.perf_counter(), []
+        for piece in reply:
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        elapsed = time.perf_counter() - started
+        text_out = "".join(pieces)
+        self.messages.append({"role": "assistant", "content": text_out})
+        return {"reply": text_out, "tokens": reply.num_tokens, "finish_reason": reply.finish_reason,
+                "seconds": elapsed, "seed": params.seed}
+
+
+def log_sample(model_name: str, args, prompt: str, result: dict) -> str | None:
+    """Append this prompt/reply to the report's "Chat samples" section (keeping the last MAX_REPORT_SAMPLES).
+
+    A report section is rewritten whole by Report.log, so the samples already there are read back from its file
+    and logged again with the new one after them."""
+    report = get_report()
+    path = os.path.join(report.report_dir, slugify(REPORT_SECTION) + ".md")
+    previous = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            body = f.read()
+        chunks = body.split(SAMPLE_MARKER + "\n")[1:]  # [0] is the section's own heading and timestamp
+        previous = [SAMPLE_MARKER + "\n" + chunk.rstrip("\n") for chunk in chunks]
+    rate = result["tokens"] / result["seconds"] if result["seconds"] > 0 else 0.0
+    fence = "~~~~~~"  # replies may contain ``` of their own
+    sample = "\n".join([
+        SAMPLE_MARKER,
+        f"### {time.strftime('%Y-%m-%d %H:%M:%S')} {model_name}",
+        "",
+        f"- prompt: {prompt!r}",
+        f"- settings: temperature={args.temperature} top_k={args.top_k} max_tokens={args.max_tokens} "
+        f"seed={result['seed']}",
+        f"- reply: {result['tokens']} tokens in {result['seconds']:.2f} s ({rate:.1f} tok/s), "
+        f"finish_reason={result['finish_reason']}",
+        "",
+        fence,
+        result["reply"],
+        fence,
+    ])
+    return report.log(REPORT_SECTION, [*previous[-(MAX_REPORT_SAMPLES - 1):], sample])
+
+
+def load(args):
+    """(engine, model name) for the requested checkpoint; FileNotFoundError names the command that trains one."""
+    from nanochat.checkpoint_manager import load_model, resolve_checkpoint
+    from nanochat.engine import Engine
+
+    checkpoint_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
+    tag = os.path.basename(checkpoint_dir.rstrip("/"))
+    device = compute_init(args.device_type, seed=args.seed).device
+    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=tag, step=step)
+    return Engine(model, tokenizer), f"{args.source}/{tag}@step{step:06d}"
+
+
+def interactive(session: ChatSession, model_name: str, stdin, out) -> None:
+    out.write(f"nanochat CLI ({model_name}). Type `clear` for a new conversation, `quit` or `exit` to leave.\n")
+    while True:
+        out.write("\n>>> ")
+        out.flush()
+        line = stdin.readline()
+        if not line:  # EOF (Ctrl-D or the end of piped input)
+            out.write("\n")
+            return
+        text = line.strip()
+        if text in ("quit", "exit"):
+            return
+        if text == "clear":
+            session.clear()
+            out.write("(conversation cleared)\n")
+            continue
+        if not text:
+            continue
+        try:
+            session.ask(text, out)
+        except ValueError as e:  # e.g. the conversation outgrew the context: say so and keep the session
+            out.write(f"chat_cli: {e}\n")
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    out = sys.stdout
+    try:
+        check_args(args)
+        engine, model_name = load(args)
+        session = ChatSession(engine, args)
+        if args.prompt is None:
+            interactive(session, model_name, sys.stdin, out)
+            return
+        out.write(f">>> {args.prompt}\n")
+        result = session.ask(args.prompt, out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"chat_cli: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        out.write("\n")
+        raise SystemExit(130) from None
+    log_sample(model_name, args, args.prompt, result)
+
+
+if __name__ == "__main__":
+    main()
