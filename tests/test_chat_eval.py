@@ -1,0 +1,168 @@
+"""chat_eval: task selection, categorical scoring from letter logits, generative checking, the report section,
+hub tasks through a loopback mirror, and the seeds' `python -m scripts.chat_eval -- -i sft` spelling."""
+
+import dataclasses
+import functools
+import http.server
+import os
+import subprocess
+import sys
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tasks.base import reference_answer
+from nanochat.tasks.evaluate import letter_token_ids, run_categorical, run_generative
+from nanochat.tasks.hub import MIRROR_ENV
+from nanochat.tasks.offline import Arithmetic, MultipleChoice, load_chatterbot_dialogues
+from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
+
+FAST = ["-x", "3", "-m", "8", "--device-type", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tokenizer and an untrained depth-1 model saved as an SFT checkpoint."""
+    path = str(tmp_path_factory.mktemp("nanochat"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_BASE_DIR", path)
+        texts = [" ".join(d) for d in load_chatterbot_dialogues()[:200]] + ["A B C D 12 * 7 = 84"] * 20
+        tok = Tokenizer.train_from_iterator(iter(texts), 400)
+        tok.save(default_tokenizer_dir())
+        torch.manual_seed(0)
+        config = GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
+                           n_embd=64)
+        save_checkpoint(os.path.join(path, "chatsft_checkpoints", "d1"), 4, GPT(config).state_dict(), None,
+                        {"step": 4, "model_config": dataclasses.asdict(config)})
+    return path
+
+
+@pytest.fixture
+def env(base_dir, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", base_dir)
+    monkeypatch.delenv(MIRROR_ENV, raising=False)
+    return base_dir
+
+
+@pytest.fixture
+def tok(env):
+    return Tokenizer.from_directory(default_tokenizer_dir())
+
+
+def test_offline_tasks_with_separator(env, capsys):
+    from scripts.chat_eval import main
+
+    summary = main(["--", "-i", "sft", "-a", "Arithmetic|MultipleChoice|Spelling", *FAST])
+    out = capsys.readouterr().out
+    for name in ("Arithmetic", "MultipleChoice", "Spelling"):
+        assert f"{name}: " in out and 0.0 <= summary[name] <= 1.0
+    assert "(" in out and "/3," in out  # correct/total per task
+    report = open(os.path.join(env, "report", "chat-evaluation-sft.md")).read()
+    assert "Arithmetic" in report and "centered_mean" in report
+
+
+def test_default_tasks_offline(env, capsys):
+    from scripts.chat_eval import main
+
+    summary = main(["-i", "sft", "--data", "offline", "-x", "2", "-m", "4", "--device-type", "cpu"])
+    assert set(summary) == {"Arithmetic", "Spelling", "MultipleChoice", "centered_mean"}
+    assert "data: offline" in capsys.readouterr().out
+
+
+def test_task_errors(env):
+    from scripts.chat_eval import main
+
+    with pytest.raises(ValueError, match="unknown task"):
+        main(["-i", "sft", "-a", "HellaSwag", *FAST])
+    with pytest.raises(ValueError, match=MIRROR_ENV):
+        main(["-i", "sft", "-a", "ARC-Easy", "--data", "offline", *FAST])
+    with pytest.raises(FileNotFoundError, match="scripts.mid_train"):
+        main(["-i", "mid", "-a", "Arithmetic", *FAST])
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_arc_easy_through_mirror(env, tmp_path, monkeypatch, capsys):
+    from scripts.chat_eval import main
+
+    rows = [{"id": f"q{i}", "question": f"Question {i}?", "answerKey": "ABCD"[i % 4],
+             "choices": {"text": ["w", "x", "y", "z"], "label": ["A", "B", "C", "D"]}} for i in range(5)]
+    os.makedirs(tmp_path / "allenai/ai2_arc/ARC-Easy")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "allenai/ai2_arc/ARC-Easy/test.parquet")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler,
+                                                                                directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv(MIRROR_ENV, f"http://127.0.0.1:{server.server_address[1]}")
+        summary = main(["-i", "sft", "-a", "ARC-Easy", "--device-type", "cpu"])
+    finally:
+        server.shutdown()
+    assert "ARC-Easy: " in capsys.readouterr().out and 0.0 <= summary["ARC-Easy"] <= 1.0
+
+
+class LetterModel(torch.nn.Module):
+    """Always scores letter B highest among the letters, and some non-letter token higher still."""
+
+    def __init__(self, tok):
+        super().__init__()
+        self.vocab = tok.get_vocab_size()
+        self.b = letter_token_ids(tok, ["B"])[0]
+        self.other = tok.encode(" the")[0]
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def forward(self, idx):
+        logits = torch.zeros(*idx.shape, self.vocab)
+        logits[..., self.b] = 5.0
+        logits[..., self.other] = 9.0  # not an answer letter: must be ignored
+        return logits
+
+
+def test_categorical_is_restricted_to_letters(tok):
+    task = MultipleChoice("test", size=40)
+    correct, total = run_categorical(task, LetterModel(tok), tok, batch_size=7)
+    expected = sum(reference_answer(task[i]) == "B" for i in range(40))
+    assert (correct, total) == (expected, 40) and 0 < expected < 40
+    assert run_categorical(task, LetterModel(tok), tok, max_problems=5, rank=1, world_size=2)[1] == 2
+
+
+class ReplayEngine:
+    """Replies with the reference answer (text only) for examples whose index is even, with nonsense otherwise."""
+
+    def __init__(self, tok, task):
+        self.tok, self.task = tok, task
+        self.model = torch.nn.Linear(1, 1)
+        self.model.get_device = lambda: torch.device("cpu")
+        self.calls = []
+
+    def generate_batch(self, prompt, num_samples=1, **kw):
+        index = kw["seed"] - 42
+        self.calls.append(kw)
+        text = reference_answer(self.task[index]) if index % 2 == 0 else "no idea"
+        return [prompt + self.tok.encode(text)] * num_samples, None
+
+
+def test_generative_checks_completion_after_prompt(tok):
+    task = Arithmetic("test", size=10)
+    engine = ReplayEngine(tok, task)
+    correct, total = run_generative(task, engine, tok, num_samples=2, max_new_tokens=16, temperature=0.5, top_k=3)
+    assert (correct, total) == (5, 10)
+    assert engine.calls[0]["max_tokens"] == 16 and engine.calls[0]["temperature"] == 0.5
+
+
+def test_module_command_line_with_separator(env):
+    """The seeds' exact spelling, through `python -m` (argv comes from sys.argv, '--' included)."""
+    result = subprocess.run([sys.executable, "-m", "scripts.chat_eval", "--", "-i", "sft", "-a", "MultipleChoice",
+                             *FAST], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "MultipleChoice: " in result.stdout
