@@ -1,0 +1,122 @@
+"""Training throughput of one model size, eager vs torch.compile, in one run.
+
+    python -m scripts.bench_train --depth=4 --max-seq-len=256 --device-batch-size=16 --vocab-size=4096
+    python -m scripts.bench_train --depth=20 --device-batch-size=32            # on a GPU: adds MFU
+    python -m scripts.bench_train --depth=4 --compile-modes=0                  # eager only
+
+Each mode builds the same model (same seed), runs --warmup-steps full training steps (forward, backward, optimizer;
+compilation happens here) and then times --steps more on random token ids (throughput does not depend on the text).
+Prints a markdown table: tokens/s, peak memory (CUDA max_memory_allocated; on CPU the process RSS, sampled after
+every step, which never shrinks, so later modes include earlier ones), MFU on GPUs with a known peak, the warmup
+time, and each mode's ratio to the first.
+"""
+
+import argparse
+import time
+
+import psutil
+import torch
+
+from nanochat.common import add_flag, autocast_context, compute_init, str2bool
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.train_loop import format_count, peak_flops
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m scripts.bench_train", description="Benchmark training throughput.")
+    add_flag(p, "--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
+    add_flag(p, "--depth", type=int, default=4, help="model depth")
+    add_flag(p, "--max-seq-len", type=int, default=256, help="tokens per row")
+    add_flag(p, "--device-batch-size", type=int, default=16, help="rows per step")
+    add_flag(p, "--vocab-size", type=int, default=4096, help="vocabulary size of the benchmarked model")
+    add_flag(p, "--steps", type=int, default=10, help="timed training steps per mode")
+    add_flag(p, "--warmup-steps", type=int, default=3, help="untimed steps first (compilation happens here)")
+    add_flag(p, "--compile-modes", default="0,1", help="comma-separated compile settings to compare, e.g. 0,1")
+    args = p.parse_args(argv)
+    if min(args.depth, args.max_seq_len, args.device_batch_size, args.vocab_size, args.steps) < 1:
+        p.error("--depth, --max-seq-len, --device-batch-size, --vocab-size and --steps must be positive")
+    try:
+        args.compile_modes = [str2bool(m) for m in args.compile_modes.split(",")]
+    except ValueError as e:
+        p.error(f"--compile-modes: {e}")
+    return args
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def bench_mode(args, device: torch.device, use_compile: bool) -> dict:
+    torch.manual_seed(0)
+    config = GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.max_seq_len)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    optimizers = model.setup_optimizers()
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    B, T = args.device_batch_size, args.max_seq_len
+    x = torch.randint(0, args.vocab_size, (B, T), device=device)  # (B, T)
+    y = torch.randint(0, args.vocab_size, (B, T), device=device)  # (B, T)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    peak_mem = 0.0
+
+    def step() -> None:
+        nonlocal peak_mem
+        with autocast_context(device.type):
+            loss = train_model(x, y)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        loss.item()  # wait for the device
+        peak_mem = max(peak_mem, peak_memory_mib(device))
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup_steps):
+        step()
+    warmup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    dt = (time.perf_counter() - t0) / args.steps
+    tok_per_sec = B * T / dt
+    peak = peak_flops(device)
+    mfu = None if peak is None else 100 * model.estimate_flops() * tok_per_sec / peak
+    return {"compile": int(use_compile), "tok_per_sec": tok_per_sec, "step_ms": dt * 1000, "peak_mem_mib": peak_mem,
+            "mfu": mfu, "warmup_s": warmup, "params": model.num_params()}
+
+
+def format_table(rows: list[dict]) -> str:
+    base = rows[0]
+    lines = ["| compile | tok/s | × tok/s | step ms | peak mem MiB | × mem | MFU % | warmup s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1f}"
+        lines.append(f"| {r['compile']} | {format_count(r['tok_per_sec'])} | {r['tok_per_sec'] / base['tok_per_sec']:.2f} "
+                     f"| {r['step_ms']:.0f} | {r['peak_mem_mib']:,.0f} | {r['peak_mem_mib'] / base['peak_mem_mib']:.2f} "
+                     f"| {mfu} | {r['warmup_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    dist_info = compute_init(args.device_type)
+    if dist_info.ddp:
+        raise ValueError("bench_train measures one process; run it with python -m, not torchrun")
+    device = dist_info.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"bench: d{args.depth}, batch {args.device_batch_size} × {args.max_seq_len} tokens, vocab {args.vocab_size}, "
+          f"{args.steps} timed steps after {args.warmup_steps} warmup, on {name}")
+    rows = [bench_mode(args, device, use_compile) for use_compile in args.compile_modes]
+    print(f"params: {rows[0]['params']:,}")
+    print(format_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""torchrun with 2 CPU processes (gloo) trains exactly like 1 process with 2 gradient-accumulation steps.
+
+Both runs see the same global batch each step (data slots, see nanochat.dataloader) and apply the same
+averaged gradient, so per-step losses and the final val bpb agree up to float summation order.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from scripts import base_train
+from tests.test_dataloader import make_corpus
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ["--depth=1", "--max-seq-len=16", "--device-batch-size=2", "--total-batch-size=64", "--num-iterations=4",
+          "--eval-every=2", "--eval-tokens=128", "--core-metric-every=-1", "--sample-every=-1", "--device-type=cpu"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_log(path):
+    with open(path) as f:
+        records = [json.loads(line) for line in f]
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    bpbs = {r["step"]: r["val_bpb"] for r in records if "val_bpb" in r}
+    return losses, bpbs
+
+
+def test_two_processes_match_one_process_with_accumulation(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    make_corpus(tmp_path)
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "scripts.base_train", "--", *COMMON, "--model-tag=ddp",
+           f"--loss-log={tmp_path / 'ddp.jsonl'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "× 2 processes × 1 accumulation steps" in proc.stdout
+    assert proc.stdout.count("step 00004/00004") == 1  # rank 0 prints, rank 1 does not
+
+    single = base_train.main([*COMMON, "--model-tag=single", f"--loss-log={tmp_path / 'single.jsonl'}"])
+    ddp_losses, ddp_bpb = read_log(tmp_path / "ddp.jsonl")
+    one_losses, one_bpb = read_log(tmp_path / "single.jsonl")
+    assert list(ddp_losses) == list(one_losses) == [1, 2, 3, 4]
+    assert list(ddp_losses.values()) == pytest.approx(list(one_losses.values()), rel=1e-4, abs=1e-5)
+    assert list(ddp_bpb) == [0, 2, 4]
+    assert list(ddp_bpb.values()) == pytest.approx(list(one_bpb.values()), rel=1e-4)
+    assert single["val_bpb"] == pytest.approx(ddp_bpb[4], rel=1e-4)
+    ckpt = tmp_path / "base_checkpoints" / "ddp"
+    assert {"optim_000004_rank0.pt", "optim_000004_rank1.pt", "meta_000004.json"} <= set(os.listdir(ckpt))
+    meta = json.loads((ckpt / "meta_000004.json").read_text())
+    assert meta["world_size"] == 2 and all(s is not None for s in meta["dataloader_state"]["slots"])
