@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Single-machine recipe: setup -> data -> tokenizer -> base pretraining -> ... -> report.
+# Single-machine recipe: setup -> data -> tokenizer -> base -> mid -> SFT -> evals -> chat sample -> report.
 #
-#   bash run10.sh --gpu cpu     # the embedded default on a CPU laptop (the README's main command)
+#   bash run10.sh --gpu cpu     # the embedded default on a CPU laptop (the README's main command; ~20 min)
 #   bash run10.sh --gpu 5090    # depth 12 on a 32 GB consumer GPU
-#   bash run10.sh --gpu h100    # depth 12 on one H100: twice the device batch, same token budget
+#   bash run10.sh --gpu h100    # depth 12 on one H100: twice the device batch, half the accumulation
 #
 # Re-running resumes: finished stages are skipped and interrupted ones continue from their checkpoints.
 # Settings in .mc_env (written by mc_setup) are sourced first, so WANDB_RUN / NANOCHAT_BASE_DIR carry over.
@@ -28,13 +28,39 @@ case "$gpu" in
 esac
 
 recipe_setup "$setup_flag"
+RUN="${WANDB_RUN:-dummy}"
 
 if [ "$gpu" = cpu ]; then
+  # The CPU profile: a depth-4 model on Shakespeare + offline chat data, small enough for 2 cores.
+  TAG=d4
   stage_data_embedded
   stage_tokenizer
+  stage_train base_train base "$TAG" python -m scripts.base_train --run="$RUN" --depth=4 --max-seq-len=256 \
+    --device-batch-size=8 --total-batch-size=2048 --num-iterations=240 --warmdown-ratio=0.5 \
+    --eval-every=60 --eval-tokens=16384 --sample-every=240 --save-every=60 --core-metric-every=-1
+  stage_once base_eval python -m scripts.base_eval --eval=core,bpb,sample --core-source=offline --max-per-task=50
+  stage_train mid_train mid "$TAG" python -m scripts.mid_train --run="$RUN" --data=offline --max-seq-len=256 \
+    --device-batch-size=8 --total-batch-size=2048 --num-iterations=40 --eval-every=-1 --eval-tokens=8192 \
+    --save-every=20
+  stage_train chat_sft sft "$TAG" python -m scripts.chat_sft --run="$RUN" --data=offline --max-seq-len=256 \
+    --device-batch-size=8 --target-examples-per-step=16 --num-iterations=30 --eval-every=-1 --eval-steps=4 \
+    --save-every=15
+  stage_once chat_eval python -m scripts.chat_eval -i sft --data=offline -x 50
 else
+  # One GPU, depth 12 (~3 B tokens at the default data:param ratio); the H100 fits twice the device batch.
+  TAG=d12
+  if [ "$gpu" = h100 ]; then DBS=32; else DBS=16; fi
   stage_data_download 8 240
   stage_tokenizer --vocab-size=65536
+  wait_for_data
+  stage_train base_train base "$TAG" python -m scripts.base_train --run="$RUN" --depth=12 \
+    --device-batch-size="$DBS" --save-every=1000
+  stage_once base_loss python -m scripts.base_loss
+  stage_once base_eval python -m scripts.base_eval
+  stage_train mid_train mid "$TAG" python -m scripts.mid_train --run="$RUN" --device-batch-size="$DBS" --save-every=500
+  stage_train chat_sft sft "$TAG" python -m scripts.chat_sft --run="$RUN" --save-every=500
+  stage_once chat_eval python -m scripts.chat_eval -i sft
 fi
 
+python -m scripts.chat_cli -p "Why is the sky blue?"
 stage_report

@@ -55,3 +55,49 @@ stage_report() {
   python -m nanochat.report generate
   log "report: report/report.md"
 }
+
+# last_step SOURCE TAG: the last completely saved step of base|mid|sft checkpoints/<TAG>, or -1.
+last_step() {
+  python - "$1" "$2" <<'PY'
+import os, sys
+from nanochat.checkpoint_manager import checkpoints_dir, list_steps
+steps = list_steps(os.path.join(checkpoints_dir(sys.argv[1]), sys.argv[2]))
+print(steps[-1] if steps else -1)
+PY
+}
+
+# A finished stage leaves a marker so a re-run skips it; markers live beside the checkpoints they describe.
+stage_marker() { echo "$NANOCHAT_BASE_DIR/recipe_stages/$1.done"; }
+
+# stage_once NAME CMD...: run CMD unless stage NAME already finished.
+stage_once() {
+  local name="$1"; shift
+  if [ -f "$(stage_marker "$name")" ]; then
+    log "$name: done before, skipping"
+    return
+  fi
+  log "$name"
+  "$@"
+  mkdir -p "$NANOCHAT_BASE_DIR/recipe_stages" && touch "$(stage_marker "$name")"
+}
+
+# stage_train NAME SOURCE TAG CMD...: a training stage. Finished -> skipped; interrupted -> CMD continues from
+# the last complete checkpoint of SOURCE (base|mid|sft) / TAG. CMD is e.g. `python -m scripts.base_train ...`
+# or `torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- ...`.
+stage_train() {
+  local name="$1" source="$2" tag="$3"; shift 3
+  if [ -f "$(stage_marker "$name")" ]; then
+    log "$name: done before, skipping"
+    return
+  fi
+  local last resume=()
+  last=$(last_step "$source" "$tag")
+  if [ "$last" -ge 0 ]; then
+    log "$name: resuming $source/$tag from step $last"
+    resume=(--resume-from-step="$last")
+  else
+    log "$name: training $source/$tag"
+  fi
+  "$@" "${resume[@]+"${resume[@]}"}"
+  mkdir -p "$NANOCHAT_BASE_DIR/recipe_stages" && touch "$(stage_marker "$name")"
+}
