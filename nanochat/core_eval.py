@@ -8,6 +8,8 @@ example is scored by running the model once over a small batch of candidate sequ
   has the lowest mean loss wins (Winograd style: which reading makes the rest likelier?).
 - language_modeling: prompt + delimiter + continuation; right when greedy argmax reproduces EVERY continuation
   token.
+The candidates of one example share their few-shot prompt, so that part runs once into a KV cache and only the
+differing suffixes run as a batch (the model needs GPT's interface: `config`, `forward(ids, kv_cache=...)`).
 Few-shot examples are other examples of the same task, drawn with a seed per example index; examples are
 shuffled with a fixed seed before `max_per_task` cuts them, so a quick run evaluates a fixed random subset.
 Accuracy is centered as (acc - random_baseline) / (1 - random_baseline): 0 for guessing, 1 for perfect; CORE is
