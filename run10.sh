@@ -36,8 +36,8 @@ if [ "$gpu" = cpu ]; then
   stage_data_embedded
   stage_tokenizer
   stage_train base_train base "$TAG" python -m scripts.base_train --run="$RUN" --depth=4 --max-seq-len=256 \
-    --device-batch-size=8 --total-batch-size=2048 --num-iterations=240 --warmdown-ratio=0.5 \
-    --eval-every=60 --eval-tokens=16384 --sample-every=240 --save-every=60 --core-metric-every=-1
+    --device-batch-size=8 --total-batch-size=2048 --num-iterations=400 --warmdown-ratio=0.5 \
+    --eval-every=100 --eval-tokens=16384 --sample-every=400 --save-every=100 --core-metric-every=-1
   stage_once base_eval python -m scripts.base_eval --eval=core,bpb,sample --core-source=offline --max-per-task=50
   stage_train mid_train mid "$TAG" python -m scripts.mid_train --run="$RUN" --data=offline --max-seq-len=256 \
     --device-batch-size=8 --total-batch-size=2048 --num-iterations=40 --eval-every=-1 --eval-tokens=8192 \
