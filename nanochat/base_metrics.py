@@ -7,11 +7,10 @@ split, so the same checkpoint always gets the same number. Under torchrun every 
 keeps every world_size-th batch; `evaluate_bpb` sums over ranks.
 """
 
-import numpy as np
 import torch
 
 from nanochat.common import autocast_context, print0
-from nanochat.dataloader import EndOfSplit, TokenStream
+from nanochat.dataloader import build_val_batches
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
 
@@ -33,28 +32,6 @@ def default_split_tokens(device_type: str) -> int:
     return GPU_SPLIT_TOKENS if device_type == "cuda" else CPU_SPLIT_TOKENS
 
 
-def split_batches(tokenizer, split: str, batch_size: int, seq_len: int, num_batches: int, rank: int = 0,
-                  world_size: int = 1) -> tuple[list, int]:
-    """This rank's share of the first num_batches × world_size batches of a split, on the CPU.
-
-    Returns ([(x, y), ...] with x, y: Long[B, T], batches per rank). A split too small for that many batches
-    gives all of its full batches, rounded down to a multiple of world_size so every rank runs the same steps.
-    """
-    stream = TokenStream(tokenizer, split, 0, 1, loop=False)
-    batches, seen = [], 0
-    while seen < num_batches * world_size:
-        try:
-            rows = [stream.next_row(seq_len + 1) for _ in range(batch_size)]
-        except EndOfSplit:
-            break
-        if seen % world_size == rank:
-            buf = torch.from_numpy(np.stack(rows)).long()  # (B, T+1)
-            batches.append((buf[:, :-1].contiguous(), buf[:, 1:].contiguous()))
-        seen += 1
-    per_rank = seen // world_size
-    return batches[:per_rank], per_rank
-
-
 def split_bpb(model, tokenizer, token_bytes: torch.Tensor, split: str, batch_size: int, split_tokens: int,
               rank: int = 0, world_size: int = 1, printer=print0) -> float:
     """Bits per byte of `model` on up to `split_tokens` tokens of a split (rows of the model's context length)."""
@@ -65,7 +42,8 @@ def split_bpb(model, tokenizer, token_bytes: torch.Tensor, split: str, batch_siz
                          f"× world_size = {batch_size} × {seq_len} × {world_size} = {per_step} tokens; raise it or "
                          "lower --device-batch-size")
     want = split_tokens // per_step
-    batches, steps = split_batches(tokenizer, split, batch_size, seq_len, want, rank, world_size)
+    batches, available = build_val_batches(tokenizer, batch_size, seq_len, want, rank, world_size, split=split)
+    steps = available // world_size
     if steps == 0:
         raise ValueError(f"the {split} split holds less than one batch of {batch_size} × {seq_len} tokens per "
                          f"process; lower --device-batch-size")

@@ -208,15 +208,16 @@ def merge_states(states: list[dict]) -> dict:
 
 
 def build_val_batches(tokenizer, batch_size: int, seq_len: int, num_batches: int | None, rank: int = 0,
-                      world_size: int = 1, tokenizer_threads: int = 4) -> tuple[list, int]:
-    """This rank's share of the first validation batches, on the CPU: ([(x, y), ...], global batches available).
+                      world_size: int = 1, tokenizer_threads: int = 4, split: str = "val") -> tuple[list, int]:
+    """This rank's share of the first batches of a split (validation by default), on the CPU:
+    ([(x, y), ...] with x, y: Long[B, T], global batches available).
 
     Every rank reads the same validation stream and keeps batches k with k % world_size == rank, so the
     evaluated tokens do not depend on the number of processes (and a tiny val split with a single row group
     still feeds every rank). `num_batches` counts per rank; None takes every full batch there is (rounded down to
     a multiple of world_size so all ranks run the same number of steps).
     """
-    stream = TokenStream(tokenizer, "val", 0, 1, loop=False, tokenizer_threads=tokenizer_threads)
+    stream = TokenStream(tokenizer, split, 0, 1, loop=False, tokenizer_threads=tokenizer_threads)
     want = None if num_batches is None else num_batches * world_size
     batches, seen = [], 0
     while want is None or seen < want:
