@@ -101,3 +101,25 @@ stage_train() {
   "$@" "${resume[@]+"${resume[@]}"}"
   mkdir -p "$NANOCHAT_BASE_DIR/recipe_stages" && touch "$(stage_marker "$name")"
 }
+
+# run_multi_gpu_recipe DEPTH SHARDS DEVICE_BATCH: the 8xH100 recipes (speedrun.sh, run1000.sh) differ only in these.
+run_multi_gpu_recipe() {
+  local depth="$1" shards="$2" dbs="$3"
+  local tag="d$depth"
+  local torchrun=(torchrun --standalone --nproc_per_node="${NPROC:-8}")
+  recipe_setup --gpu
+  local run="${WANDB_RUN:-dummy}"
+  stage_data_download 8 "$shards"
+  stage_tokenizer --vocab-size=65536
+  wait_for_data
+  stage_train base_train base "$tag" "${torchrun[@]}" -m scripts.base_train -- --run="$run" --depth="$depth" \
+    --device-batch-size="$dbs" --save-every=2000
+  stage_once base_loss "${torchrun[@]}" -m scripts.base_loss
+  stage_once base_eval "${torchrun[@]}" -m scripts.base_eval
+  stage_train mid_train mid "$tag" "${torchrun[@]}" -m scripts.mid_train -- --run="$run" --device-batch-size="$dbs" \
+    --save-every=500
+  stage_train chat_sft sft "$tag" "${torchrun[@]}" -m scripts.chat_sft -- --run="$run" --save-every=500
+  stage_once chat_eval "${torchrun[@]}" -m scripts.chat_eval -- -i sft
+  python -m scripts.chat_cli -p "Why is the sky blue?"
+  stage_report
+}
