@@ -16,7 +16,8 @@ Tool use: when a row writes <|python_start|> expr <|python_end|>, the text in be
 it, which is exactly how training rendered tool outputs. An expression the calculator refuses yields the output
 "error", so the model sees that its call failed.
 
-A row finishes at <|assistant_end|> or <|bos|>. Finished rows keep a slot in every later column (the terminal
+A row finishes at <|assistant_end|> or <|bos|>, or at a turn marker (<|user_start|>, <|user_end|>,
+<|assistant_start|>): a model that starts writing the next turn has ended its own. Finished rows keep a slot in every later column (the terminal
 token again, mask 0) so columns stay rectangular; generation stops when every row is finished or after
 `max_tokens` steps.
 """
@@ -74,6 +75,9 @@ class Engine:
         self.assistant_end = special("<|assistant_end|>")
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        # Tokens that end the assistant's reply; none of them is part of the reply's text.
+        self.stop_tokens = frozenset({self.assistant_end, self.bos, special("<|user_start|>"),
+                                      special("<|user_end|>"), special("<|assistant_start|>")})
 
     def _new_cache(self, max_len: int) -> KVCache:
         cfg = self.model.config
@@ -107,7 +111,7 @@ class Engine:
         if row.finished:
             return self.assistant_end, 0
         token, mask = (row.forced.popleft(), 0) if row.forced else (sampled, 1)
-        if token in (self.assistant_end, self.bos):
+        if token in self.stop_tokens:
             row.finished = True
         elif token == self.python_start:
             row.python_tokens = []
@@ -145,7 +149,7 @@ class Engine:
     def generate_batch(self, tokens: list[int], num_samples: int = 1,
                        **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """Run `generate` to the end. Returns (results, masks): each result is the prompt followed by that
-        sample's tokens, without the terminal <|assistant_end|> / <|bos|>; masks align with results (prompt = 0)."""
+        sample's tokens, without the terminal stop token; masks align with results (prompt = 0)."""
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples
@@ -153,7 +157,7 @@ class Engine:
             for i, (token, mask) in enumerate(zip(column, column_masks)):
                 if done[i]:
                     continue
-                if token in (self.assistant_end, self.bos):
+                if token in self.stop_tokens:
                     done[i] = True
                     continue
                 results[i].append(token)

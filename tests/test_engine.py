@@ -219,3 +219,14 @@ def test_generate_batch_drops_terminal_token(tok):
     assert results[0] == prompt + tokens[:-1]
     assert len(masks[0]) == len(results[0]) and masks[0][:len(prompt)] == [0] * len(prompt)
     assert "<|output_start|>2<|output_end|>" in tok.decode(results[0][len(prompt):])
+
+
+@pytest.mark.parametrize("marker", ["<|user_start|>", "<|user_end|>", "<|assistant_start|>"])
+def test_a_new_turn_marker_ends_the_reply(tok, marker):
+    # A weak model that starts writing the next turn must not have that turn shown as its reply.
+    sp = tok.encode_special
+    prompt = prompt_ids(tok)
+    script = [*tok.encode("Blue light"), sp(marker), *tok.encode(" scatters more"), sp("<|assistant_end|>")]
+    engine = Engine(ScriptedModel(tok, script, len(prompt)), tok)
+    results, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=40, temperature=0.0)
+    assert tok.decode(results[0][len(prompt):]) == "Blue light"

@@ -6,7 +6,7 @@ Shared by `scripts.chat_cli` (prints the pieces) and the web workers (send them 
     reply = Reply(engine, prompt, SamplingParams(max_tokens=64, temperature=0.6, top_k=50, seed=1))
     for piece in reply:          # text as it is generated
         print(piece, end="", flush=True)
-    reply.finish_reason          # "stop" (<|assistant_end|>), "length" (max_tokens) or "cancelled"
+    reply.finish_reason          # "stop" (<|assistant_end|> or another stop token), "length" (max_tokens) or "cancelled"
 
 Tokens are bytes, not characters: a BPE token can hold half of a multi-byte UTF-8 character, so decoding each
 token on its own would print replacement characters mid-stream. `TokenDecoder` feeds token bytes through an
@@ -95,8 +95,7 @@ class Reply:
         self.cancel = cancel
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
-        tokenizer = engine.tokenizer
-        self._stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self._stop_ids = engine.stop_tokens
 
     @property
     def num_tokens(self) -> int:
