@@ -10,6 +10,7 @@ Subclasses implement `num_examples()` and `get_example(i)`; the base class adds 
 split can be cut (e.g. the first 1000 examples for a quick eval) without copying anything.
 """
 
+import abc
 import random
 import re
 
@@ -17,7 +18,7 @@ LETTERS = "ABCDEFGHIJ"
 MC_INSTRUCTION = "Respond only with the letter of the correct answer."
 
 
-class Task:
+class Task(abc.ABC):
     eval_type = "generative"
 
     def __init__(self, start: int = 0, stop: int | None = None, step: int = 1):
@@ -29,11 +30,11 @@ class Task:
     def name(self) -> str:
         return type(self).__name__
 
-    def num_examples(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def num_examples(self) -> int: ...
 
-    def get_example(self, index: int) -> dict:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def get_example(self, index: int) -> dict: ...
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
         raise NotImplementedError(f"{self.name} is a training-only task (no evaluate)")

@@ -10,6 +10,7 @@ Generated examples are a pure function of (task, split, index): example i is alw
 draw from different seeds, and no list is materialized, so `size` can be anything.
 """
 
+import abc
 import glob
 import os
 import random
@@ -123,8 +124,8 @@ class GeneratedTask(Task):
     def get_example(self, index: int) -> dict:
         return self.generate(self.rng(index))
 
-    def generate(self, rng: random.Random) -> dict:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def generate(self, rng: random.Random) -> dict: ...
 
 
 def _calculator_answer(lead: str, expression: str, result: str) -> list[dict]:
