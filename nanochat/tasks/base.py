@@ -37,7 +37,7 @@ class Task(abc.ABC):
     def get_example(self, index: int) -> dict: ...
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        raise NotImplementedError(f"{self.name} is a training-only task (no evaluate)")
+        raise TypeError(f"{self.name} is a training-only task: it has no answers to evaluate against")
 
     def __len__(self) -> int:
         stop = self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
