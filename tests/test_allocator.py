@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from megacontext.allocator import AllocatorConfig, FocusAllocator
@@ -14,6 +14,7 @@ from megacontext.working_context import (
     collapsible_groups,
     extend,
     make_wc,
+    min_wc_length,
     recency_wc,
 )
 
@@ -43,6 +44,8 @@ def test_any_score_sequence_keeps_every_invariant(seed, T, stochastic, iteration
         cooldown=cooldown,
         sample_top_k=5,
     )
+    # Histories even the coarsest WC cannot fit into the budget are a config error (tested elsewhere), not a case.
+    assume(min_wc_length(T, K, L, R) <= cfg.soft_max_length)
     alloc = FocusAllocator(cfg, seed=seed)
     rng = np.random.default_rng(seed)
     wc = recency_wc(T, K, L, budget=cfg.soft_max_length, recent_tokens=R)
@@ -60,6 +63,12 @@ def test_any_score_sequence_keeps_every_invariant(seed, T, stochastic, iteration
             assert np.array_equal(new.indices[: rep.first_changed], wc.indices[: rep.first_changed])
         assert 0.0 <= rep.swap_rate <= 1.0
         wc = new
+
+
+def test_a_history_too_long_for_the_budget_says_which_flags_to_raise():
+    assert min_wc_length(2998, K, L, R) > 60
+    with pytest.raises(ValueError, match="raise --mc_wc_max or --mc_max_lod"):
+        recency_wc(2998, K, L, budget=60, recent_tokens=R)
 
 
 def test_expands_the_best_gist_into_free_room():
