@@ -23,15 +23,6 @@ from nanochat.tasks.mixtures import DATA_CHOICES
 from nanochat.train_loop import apply_schedules
 
 
-def strip_separator(argv: list[str] | None) -> list[str] | None:
-    """`torchrun ... -m scripts.X -- --flag` and `python -m scripts.X -- --flag` pass the '--' on; drop it."""
-    if argv is None:
-        import sys
-
-        argv = sys.argv[1:]
-    return argv[1:] if argv and argv[0] == "--" else argv
-
-
 def add_stage_flags(p: argparse.ArgumentParser, *, device_batch_size: int, max_seq_len: int, init_lr_frac: float,
                     warmdown_ratio: float, eval_every: int) -> None:
     """Flags with the same meaning in mid_train and chat_sft (nanochat names, dash or underscore)."""

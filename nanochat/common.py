@@ -7,6 +7,7 @@ same way as one CPU process or as `torchrun --nproc_per_node=N` on GPUs (NCCL) o
 import logging
 import os
 import random
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -169,6 +170,15 @@ def atomic_open(path: str, mode: str = "wb"):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def strip_separator(argv: list[str] | None = None) -> list[str]:
+    """The script's arguments without a leading '--': `torchrun ... -m scripts.X -- --flag` and the seeds'
+    `python -m scripts.chat_eval -- -i sft` pass it on, and argparse would take every flag after it as positional.
+    None means the command line (sys.argv[1:])."""
+    if argv is None:
+        argv = sys.argv[1:]
+    return argv[1:] if argv and argv[0] == "--" else list(argv)
 
 
 def add_flag(parser, name: str, *aliases: str, **kwargs):

@@ -27,6 +27,7 @@ from nanochat.common import (
     get_base_dir,
     print0,
     resolve_device_type,
+    strip_separator,
 )
 from nanochat.core_eval import CORE_SOURCES, evaluate_core
 from nanochat.report import get_report
@@ -57,8 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "--split-tokens", type=int, default=None,
              help="bpb tokens per split (default 20*524288 on CUDA, 65536 otherwise)")
     add_flag(p, "--sample-tokens", type=int, default=24, help="tokens generated per sample")
-    if argv and argv[0] == "--":  # torchrun ... -m scripts.base_eval -- --flags
-        argv = argv[1:]
+    argv = strip_separator(argv)  # `torchrun ... -m scripts.X -- --flags`
     args = p.parse_args(argv)
     if args.max_per_task == 0 or args.max_per_task < -1:
         p.error("--max-per-task must be -1 (all) or >= 1")

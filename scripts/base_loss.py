@@ -13,7 +13,7 @@ import argparse
 
 from nanochat.base_metrics import SAMPLE_PROMPTS, default_split_tokens, generate_samples, split_bpb
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import add_flag, compute_cleanup, compute_init, print0, resolve_device_type
+from nanochat.common import add_flag, compute_cleanup, compute_init, print0, resolve_device_type, strip_separator
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
@@ -28,8 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "--device-batch-size", type=int, default=32, help="rows per forward pass")
     add_flag(p, "--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
     add_flag(p, "--sample-tokens", type=int, default=16, help="tokens generated per sample (0: no samples)")
-    if argv and argv[0] == "--":  # torchrun ... -m scripts.base_loss -- --flags
-        argv = argv[1:]
+    argv = strip_separator(argv)  # `torchrun ... -m scripts.X -- --flags`
     args = p.parse_args(argv)
     if args.device_batch_size < 1:
         p.error("--device-batch-size must be >= 1")

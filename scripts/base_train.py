@@ -43,6 +43,7 @@ from nanochat.common import (
     print0,
     resolve_device_type,
     str2bool,
+    strip_separator,
 )
 from nanochat.dataloader import PretrainLoader, build_val_batches, merge_states
 from nanochat.gpt import GPT, GPTConfig
@@ -103,8 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "--compile", type=str2bool, default=None, help="torch.compile the model: 1|0 (default 1 on CUDA)")
     add_flag(p, "--seed", type=int, default=42, help="seed of the weight init")
     add_flag(p, "--loss-log", default=None, help="append one JSON line per step (loss, lrm, dt) and eval to PATH")
-    if argv and argv[0] == "--":  # `torchrun ... -m scripts.base_train -- --depth=24` passes the separator on
-        argv = argv[1:]
+    argv = strip_separator(argv)  # `torchrun ... -m scripts.X -- --flags`
     args = p.parse_args(argv)
     for name in ("depth", "max_seq_len", "device_batch_size", "total_batch_size"):
         if getattr(args, name) < 1:

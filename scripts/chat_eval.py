@@ -18,7 +18,7 @@ import argparse
 import time
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import add_flag, compute_cleanup, compute_init, print0, resolve_device_type
+from nanochat.common import add_flag, compute_cleanup, compute_init, print0, resolve_device_type, strip_separator
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.tasks.evaluate import run_task
@@ -50,12 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-m", "--max-new-tokens", type=int, default=256, help="reply length cap of generative tasks")
     add_flag(p, "--data", default="auto", choices=DATA_CHOICES, help="whether hub tasks may run (auto: if reachable)")
     add_flag(p, "--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
-    if argv is None:
-        import sys
-
-        argv = sys.argv[1:]
-    if argv and argv[0] == "--":  # `python -m scripts.chat_eval -- -i sft` (the seeds' spelling) and torchrun
-        argv = argv[1:]
+    argv = strip_separator(argv)  # `torchrun ... -m scripts.X -- --flags`
     args = p.parse_args(argv)
     for name in ("num_samples", "batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:

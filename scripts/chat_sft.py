@@ -27,7 +27,6 @@ from nanochat.chat_train import (
     save_stage,
     setup_optimizers,
     stage_dir,
-    strip_separator,
     train_step,
 )
 from nanochat.common import (
@@ -38,6 +37,7 @@ from nanochat.common import (
     get_base_dir,
     print0,
     resolve_device_type,
+    strip_separator,
 )
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report

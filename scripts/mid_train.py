@@ -29,7 +29,6 @@ from nanochat.chat_train import (
     save_stage,
     setup_optimizers,
     stage_dir,
-    strip_separator,
     train_step,
 )
 from nanochat.common import (
@@ -41,6 +40,7 @@ from nanochat.common import (
     print0,
     resolve_device_type,
     str2bool,
+    strip_separator,
 )
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from nanochat.chat_data import PackedConversations, SFTBatches, pad_batch
-from nanochat.chat_train import strip_separator, train_step
+from nanochat.chat_train import train_step
 from nanochat.checkpoint_manager import list_steps, load_model, save_checkpoint
+from nanochat.common import strip_separator
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tasks.base import TaskMixture
 from nanochat.tasks.offline import Arithmetic, Dialogues, Identity, load_chatterbot_dialogues
