@@ -22,9 +22,7 @@ import torch
 import torch.nn as nn
 
 from megacontext.blocks import MLP, Attention, EncoderBlock, count_params, rms_norm
-
-POOLINGS = ("mean", "query", "cls")
-HEADS = ("mlp", "linear")
+from megacontext.config import HEADS, POOLINGS
 
 
 @dataclass

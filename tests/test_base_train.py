@@ -71,14 +71,6 @@ def test_total_batch_that_does_not_divide_is_refused_with_options(corpus):
         base_train.main(TINY + ["--total-batch-size=100", "--num-iterations=1"])
 
 
-def test_core_metric_without_core_module_is_an_error(corpus, monkeypatch):
-    real_find_spec = base_train.importlib.util.find_spec
-    monkeypatch.setattr(base_train.importlib.util, "find_spec",
-                        lambda name: None if name == "nanochat.core_eval" else real_find_spec(name))
-    with pytest.raises(ValueError, match="--core-metric-every=-1"):
-        base_train.main(TINY[:-3] + ["--core-metric-every=5", "--num-iterations=1"])
-
-
 def test_resume_reproduces_the_uninterrupted_run(corpus):
     straight = base_train.main(TINY + ["--num-iterations=6", "--save-every=3", "--eval-every=-1",
                                        f"--loss-log={corpus / 'a.jsonl'}"])
