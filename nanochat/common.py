@@ -151,6 +151,19 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+ATOMIC_TEMP_PREFIX = ".tmp-"  # atomic_open's temp files: ATOMIC_TEMP_PREFIX + random + the final file name
+
+
+def stale_atomic_temps(path: str) -> list[str]:
+    """Temp files an atomic write of `path` left next to it when its process died mid-write (they are never
+    the file itself: `path` only ever changes by rename). Only safe to delete while nothing writes `path`."""
+    directory, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return []
+    return [os.path.join(directory, entry) for entry in sorted(os.listdir(directory))
+            if entry.startswith(ATOMIC_TEMP_PREFIX) and entry.endswith(name) and entry != name]
+
+
 @contextmanager
 def atomic_open(path: str, mode: str = "wb"):
     """Like open(path, mode) for writing, but the file only appears under `path` once the block succeeds."""
@@ -158,7 +171,7 @@ def atomic_open(path: str, mode: str = "wb"):
         raise ValueError(f"atomic_open only writes; got mode {mode!r}")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=ATOMIC_TEMP_PREFIX, suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, mode) as f:
             yield f
