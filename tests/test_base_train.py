@@ -13,7 +13,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_tokenizer
 from scripts import base_train, bench_train
-from tests.test_dataloader import make_corpus
+from tests.conftest import make_corpus
 
 TINY = ["--depth=1", "--max-seq-len=16", "--device-batch-size=2", "--total-batch-size=64", "--eval-tokens=64",
         "--core-metric-every=-1", "--sample-every=-1", "--device-type=cpu"]
