@@ -8,6 +8,7 @@ checkpoint N starts with step N's evaluation (not its save, which is already on 
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from nanochat.common import print0
 from nanochat.train_loop import ProgressMeter, is_finite
@@ -61,3 +62,27 @@ def run_steps(*, start_step: int, num_iterations: int, save_every: int, meter: P
         if after_step is not None:
             after_step(index + 1, result, dt)
     return losses
+
+
+class Stage(Protocol):
+    """A training stage as `run_stage` drives it (scripts.mid_train.MidStage, scripts.chat_sft.SFTStage)."""
+
+    start_step: int
+    num_iterations: int
+    meter: ProgressMeter
+    wandb_run: object
+
+    def describe(self) -> None: ...  # print what is about to run
+    def evaluate(self, step: int, last: bool) -> None: ...
+    def save(self, step: int) -> None: ...
+    def step(self, step: int) -> StepResult: ...
+    def finish(self, losses: list[float]) -> dict: ...  # report, close W&B, return the run's summary
+
+
+def run_stage(stage: Stage, save_every: int) -> dict:
+    """describe -> run_steps with the stage's hooks -> finish."""
+    stage.describe()
+    losses = run_steps(start_step=stage.start_step, num_iterations=stage.num_iterations, save_every=save_every,
+                       meter=stage.meter, wandb_run=stage.wandb_run, evaluate=stage.evaluate, save=stage.save,
+                       step=stage.step)
+    return stage.finish(losses)

@@ -40,7 +40,7 @@ from nanochat.common import (
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.run_state import save_run_checkpoint, setup_optimizers
-from nanochat.stage_loop import StepResult, due, run_steps
+from nanochat.stage_loop import StepResult, due, run_stage
 from nanochat.tasks.evaluate import run_categorical
 from nanochat.tasks.mixtures import eval_task, resolve_data_source, sft_mixture
 from nanochat.tokenizer import get_token_bytes
@@ -74,7 +74,7 @@ def grad_accum(args, world_size: int) -> int:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     dist_info = compute_init(resolve_device_type(args.device_type), seed=args.seed)
-    summary = train(args, dist_info)
+    summary = run_stage(SFTStage(args, dist_info), args.save_every)
     compute_cleanup()
     return summary
 
@@ -188,15 +188,6 @@ class SFTStage:
         self.wandb_run.finish()
         return {"losses": losses, "val_bpb": self.val_bpb, "metrics": self.metrics, "step": self.num_iterations,
                 "checkpoint_dir": self.checkpoint_dir, "data": self.source}
-
-
-def train(args, dist_info) -> dict:
-    stage = SFTStage(args, dist_info)
-    stage.describe()
-    losses = run_steps(start_step=stage.start_step, num_iterations=stage.num_iterations, save_every=args.save_every,
-                       meter=stage.meter, wandb_run=stage.wandb_run, evaluate=stage.evaluate, save=stage.save,
-                       step=stage.step)
-    return stage.finish(losses)
 
 
 if __name__ == "__main__":
