@@ -1,4 +1,4 @@
-"""Rotary positions for working-context entries, and the level embedding that marks gists (DESIGN §4.2).
+"""Rotary positions for working-context entries, and the level embedding that marks gists.
 
 A working context (WC) is a row of nodes `(level, index)`; node (L, i) covers tokens [i·K^L, (i+1)·K^L). The base
 model needs one rotary position per entry. Three schemes, behind one flag, to be measured against each other:

@@ -1,5 +1,5 @@
 """scripts.base_eval and scripts.base_loss end to end on a tiny corpus and checkpoint: each --eval value, the
-default (all), the user guide's command lines, report sections, and the error for a missing checkpoint."""
+default (all), the documented command lines, report sections, and the error for a missing checkpoint."""
 
 import csv
 import math
@@ -48,7 +48,7 @@ def report_section(base_dir, name: str) -> str:
 
 
 def test_eval_core_as_written_falls_back_to_offline_and_says_so(env, capsys):
-    """`python -m scripts.base_eval --eval core` from the user guide (seed 004), with no CORE bundle reachable."""
+    """`python -m scripts.base_eval --eval core` as documented, with no CORE bundle reachable."""
     out = base_eval.main(["--eval", "core"])
     printed = capsys.readouterr().out
     assert "offline set (--core-source auto" in printed and "CORE metric:" in printed
@@ -117,7 +117,7 @@ def test_missing_checkpoint_names_the_training_command(tmp_path, monkeypatch, sc
 
 @pytest.mark.slow
 def test_user_guide_command_runs_as_written(env):
-    """`python -m scripts.base_eval --eval sample` from the user guide (seed 004), as a real process."""
+    """`python -m scripts.base_eval --eval sample` as documented, as a real process."""
     result = subprocess.run([sys.executable, "-m", "scripts.base_eval", "--eval", "sample"], capture_output=True,
                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr

@@ -1,5 +1,5 @@
 """scripts.base_train end to end on a tiny corpus, plus the loop arithmetic it uses (nanochat.train_loop,
-nanochat.loss_eval): smoke run with W&B offline, the user guide's command line, resume, clear flag errors."""
+nanochat.loss_eval): smoke run with W&B offline, the CPU command of the module docstring, resume, clear flag errors."""
 
 import json
 import math
@@ -52,7 +52,7 @@ def test_smoke_run_writes_checkpoint_report_and_wandb(corpus, monkeypatch, capsy
 
 
 def test_user_guide_command_runs(corpus, capsys):
-    """The CPU command of the nanochat user guide (seed 004), cut to 1 step by a later --num-iterations."""
+    """The first CPU command of base_train's docstring, cut to 1 step by a later --num-iterations."""
     argv = ["--depth=4", "--max-seq-len=512", "--device-batch-size=1", "--total-batch-size=512",
             "--num-iterations=20", "--core-metric-every=-1"]
     out = base_train.main(argv + ["--num-iterations=1", "--sample-every=-1", "--eval-every=-1"])
