@@ -79,16 +79,17 @@ def reset_chat_token_logits(model, tokenizer) -> None:
     """Zero the lm_head rows of the chat special tokens, once, when a base model starts chat training.
 
     Pretraining never has them as targets, so every step pushed their logits down (softmax gives each
-    non-target a negative gradient): a base model predicts them at ~13-15 nats each, about 14% of the targets of
-    midtraining's first step. A zero row gives logit 0, about the vocabulary's average, and the loss trains the
-    row from there. Measured on the CPU profile (d4 on the embedded corpus, step 100, first mid batch): special
-    targets 13.5 -> 8.9 nats, the whole first step 9.67 -> 9.03.
+    non-target a negative gradient): a base model predicts them at ~12-15 nats each, and they are about 14% of
+    the targets of midtraining's first step. A zero row gives logit 0, about the vocabulary's average, and the
+    loss trains the row from there. Measured on the CPU profile of run10.sh (d4, 400 steps on the embedded
+    corpus, final train loss 4.82; vocab 4096, so the uniform guess is ln 4096 = 8.32), first mid step: special
+    targets 12.27 -> 9.21 nats, the whole step 9.60 -> 9.17.
 
-    The rest of that first loss stays above the uniform guess ln(vocab): the offline chat mixture's text itself
-    (letters, digits, modern English) scores ~9 nats under a model trained on plays only (the same conversations
-    as plain text: 8.95), because the model is confidently wrong outside its corpus. That is domain shift, not a
-    bug; it falls within the first few dozen steps. The optimizer state and the learning rate cannot change it:
-    a step's loss is measured before its update.
+    The rest of that first loss stays above the uniform guess: the offline chat mixture's text itself (letters,
+    digits, modern English) scores ~9 nats under a model trained on plays only (the same conversations rendered
+    as plain text: 8.89), because the model is confidently wrong outside its corpus. That is domain shift, not a
+    bug, and it falls fast (step 3: 6.85). The optimizer state and the learning rate cannot change it either: a
+    step's loss is measured before its update.
     """
     rows = [tokenizer.encode_special(name) for name in CHAT_ONLY_TOKENS]
     model.lm_head.weight[rows] = 0.0
