@@ -183,8 +183,10 @@ def check_host_reachable(base_url: str, timeout: float = 5.0) -> None:
     except OSError as e:
         raise ConnectionError(
             f"cannot reach {host}:{port} ({e}) to download pretraining shards from {base_url}. "
-            f"If this machine is offline, build the embedded default corpus instead: `{EMBEDDED_CMD}` "
-            f"(or point ${DATA_URL_ENV} at a reachable mirror)"
+            f"The GPU recipes need these shards: point ${DATA_URL_ENV} at a mirror this machine can reach "
+            f"(same file names, {shard_name(0)} ...), or copy the shards into {download_dir()}. "
+            f"Without them, the CPU profile trains on the embedded corpus: `bash run10.sh --gpu cpu` "
+            f"(or build it alone: `{EMBEDDED_CMD}`)"
         ) from e
 
 
