@@ -56,7 +56,9 @@ def run_setup(repo: Path, env: dict, *flags: str) -> subprocess.CompletedProcess
         ["bash", "mc_setup", *flags], cwd=repo, env=env, capture_output=True, text=True, timeout=SETUP_TIMEOUT_S
     )
     print(f"mc_setup {' '.join(flags)}: rc={proc.returncode} in {time.time() - t0:.0f}s\n{proc.stdout}\n{proc.stderr}")
-    assert proc.returncode == 0, f"mc_setup failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (
+        f"mc_setup failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
     return proc
 
 
@@ -117,7 +119,9 @@ def fake_nvidia_smi(bin_dir: Path, gpus: int) -> None:
     bin_dir.mkdir(exist_ok=True)
     script = bin_dir / "nvidia-smi"
     if gpus == 0:
-        script.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the driver' >&2\nexit 9\n")
+        script.write_text(
+            "#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the driver' >&2\nexit 9\n"
+        )
     else:
         lines = "\n".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i})" for i in range(gpus))
         script.write_text(f"#!/bin/sh\ncat <<'EOF'\n{lines}\nEOF\n")
