@@ -55,8 +55,9 @@ apt_install() {
   local why="$1"
   shift
   if [ "${MC_SETUP_APT:-1}" = 0 ] || [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-    setup_say "needs Debian packages for $why; this setup does not install system packages (not root, no"
-    setup_say "  apt-get, or MC_SETUP_APT=0). To get them:  sudo apt-get install -y --no-install-recommends $*"
+    setup_say "needs Debian packages for $why,"
+    setup_say "  and installs none here (not root, no apt-get, or MC_SETUP_APT=0). To get them:"
+    setup_say "  sudo apt-get install -y --no-install-recommends $*"
     return 1
   fi
   export DEBIAN_FRONTEND=noninteractive
@@ -74,7 +75,8 @@ apt_install() {
   setup_say "apt-get install $*: ${count:-?} new Debian packages (${size:-?} download, ${disk:-?} on disk),"
   setup_say "  for $why"
   if ! apt-get install -y -qq --no-install-recommends "$@" >/dev/null; then
-    setup_say "apt-get install $* failed (see above)"
-    return 1
+    setup_say "apt-get install failed; refreshing the package lists (apt-get update) and trying once more"
+    apt-get update -qq >&2 || true
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null || { setup_say "apt-get install $* failed"; return 1; }
   fi
 }

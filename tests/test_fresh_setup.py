@@ -64,7 +64,11 @@ def run_setup(repo: Path, env: dict, *flags: str) -> subprocess.CompletedProcess
 
 def venv_versions(repo: Path) -> tuple[str, str]:
     out = subprocess.run(
-        [str(repo / ".venv/bin/python"), "-c", "import torch, rustbpe; print(torch.__version__, rustbpe.__version__)"],
+        [
+            str(repo / ".venv/bin/python"),
+            "-c",
+            "import importlib.metadata as m, torch; print(torch.__version__, m.version('rustbpe'))",
+        ],
         cwd=repo,
         env={"PATH": BARE_PATH, "HOME": "/nonexistent"},
         capture_output=True,
@@ -100,7 +104,7 @@ def test_setup_without_rust_toolchain_or_apt_falls_back_to_pypi_wheel_with_a_war
     bin_dir.mkdir()
     for folder in BARE_PATH.split(":"):
         for entry in Path(folder).iterdir():
-            if entry.name not in RUST_TOOLS and not (bin_dir / entry.name).exists():
+            if entry.name not in RUST_TOOLS and not os.path.lexists(bin_dir / entry.name):
                 (bin_dir / entry.name).symlink_to(entry)
     repo = clean_copy(tmp_path / "repo")
     env = fresh_env(machine_home, path=str(bin_dir), MC_SETUP_APT="0", CARGO_HOME=str(tmp_path / "no-cargo"))
