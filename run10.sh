@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
 done
 case "$gpu" in
   cpu) setup_flag=--cpu ;;
-  5090|h100) setup_flag=--gpu ;;
+  5090|h100) setup_flag=--gpu; require_gpus 1 "run10.sh --gpu $gpu" ;;
   "") die "say which hardware: --gpu cpu | --gpu 5090 | --gpu h100" ;;
   *) die "unknown --gpu '$gpu' (expected 5090, h100 or cpu)" ;;
 esac
