@@ -4,6 +4,7 @@ Every script gets rank, world size and device from `compute_init()` and nowhere 
 same way as one CPU process or as `torchrun --nproc_per_node=N` on GPUs (NCCL) or CPUs (gloo).
 """
 
+import argparse
 import logging
 import os
 import random
@@ -182,7 +183,8 @@ def strip_separator(argv: list[str] | None = None) -> list[str]:
 
 
 def add_flag(parser, name: str, *aliases: str, **kwargs):
-    """Register `--some-flag` so that `--some_flag` works too (nanochat users type both spellings)."""
+    """Register `--some-flag` so that `--some_flag` works too (nanochat users type both spellings), and show its
+    default in --help (unless the help text already says what the default means, e.g. "(default: autodetect)")."""
     if not name.startswith("--"):
         raise ValueError(f"add_flag is for long options, got {name!r}")
     spellings = [name, *aliases]
@@ -191,7 +193,16 @@ def add_flag(parser, name: str, *aliases: str, **kwargs):
         if spelled not in spellings:
             spellings.append(spelled)
     kwargs.setdefault("dest", stem.replace("-", "_"))
+    kwargs["help"] = _help_with_default(kwargs.get("help"), kwargs.get("default"), kwargs.get("action"))
     return parser.add_argument(*spellings, **kwargs)
+
+
+def _help_with_default(help_text: str | None, default, action) -> str | None:
+    if help_text is not None and ("(default" in help_text or "%(default)" in help_text or help_text == argparse.SUPPRESS):
+        return help_text
+    if default in (None, "", argparse.SUPPRESS) or action in ("store_true", "store_false", "help", "version"):
+        return help_text
+    return f"{help_text} (default: %(default)s)" if help_text else "default: %(default)s"
 
 
 def str2bool(value: str | bool) -> bool:
