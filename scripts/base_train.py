@@ -248,6 +248,7 @@ def main(argv=None) -> dict:
     check_core_available(args)
     device_type = resolve_device_type(args.device_type)
     dist_info = compute_init(device_type, seed=args.seed)
+    args.device_type = dist_info.device_type  # the report and checkpoint name the device used, not ""
     summary = train(args, dist_info)
     compute_cleanup()
     return summary
