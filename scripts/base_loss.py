@@ -20,7 +20,7 @@ from nanochat.tokenizer import get_token_bytes
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.base_loss", description="Train/val bits per byte.")
-    p.add_argument("-i", "--source", default="base", choices=("base", "mid", "sft"), help="which stage to load")
+    add_flag(p, "--source", "-i", default="base", choices=("base", "mid", "sft"), help="which stage to load")
     add_flag(p, "--model-tag", default=None, help="model tag (default: the largest)")
     add_flag(p, "--step", type=int, default=None, help="checkpoint step (default: last)")
     add_flag(p, "--split-tokens", type=int, default=None,
