@@ -605,3 +605,14 @@ def test_script_without_checkpoint_names_the_training_command(tmp_path, monkeypa
     with pytest.raises(SystemExit):
         main(["--device-type", "cpu", "--temperature", "5"])
     assert "--temperature=5.0 is out of range" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_script_asked_for_cuda_on_a_cpu_machine_says_so(base_dir, capsys):
+    from scripts.chat_web import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device-type", "cuda"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == ("chat_web: --device-type=cuda was asked for but no CUDA device is visible; "
+                                       "use --device-type=cpu\n")
