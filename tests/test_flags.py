@@ -8,10 +8,10 @@ import pytest
 
 from nanochat.common import add_flag
 
-COMMANDS = ["scripts.base_eval", "scripts.base_loss", "scripts.base_train", "scripts.bench_mc", "scripts.bench_rustbpe",
-            "scripts.bench_train", "scripts.chat_cli", "scripts.chat_eval", "scripts.chat_sft", "scripts.chat_web",
-            "scripts.mid_train", "scripts.tok_eval", "scripts.tok_train", "nanochat.core_bundle",
-            "nanochat.core_offline", "nanochat.dataset", "nanochat.report"]
+COMMANDS = ["scripts.base_eval", "scripts.base_loss", "scripts.base_train", "scripts.bench_chat_start",
+            "scripts.bench_mc", "scripts.bench_rustbpe", "scripts.bench_train", "scripts.chat_cli", "scripts.chat_eval",
+            "scripts.chat_sft", "scripts.chat_web", "scripts.mid_train", "scripts.tok_eval", "scripts.tok_train",
+            "nanochat.core_bundle", "nanochat.core_offline", "nanochat.dataset", "nanochat.report"]
 
 
 class _Parsed(Exception):
