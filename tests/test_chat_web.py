@@ -1,6 +1,7 @@
 """The chat server (nanochat.web + scripts.chat_web) against a tiny checkpoint: streaming, the OpenAI endpoint,
 limits, disconnects, a busy pool, concurrent clients; most tests talk to a real uvicorn on a loopback socket."""
 
+import asyncio
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from nanochat.engine import Engine
 from nanochat.web.app import create_app
 from nanochat.web.generation import Reply, SamplingParams, TokenDecoder, assistant_content, prompt_ids
 from nanochat.web.limits import MAX_BODY_BYTES, SamplingDefaults
-from nanochat.web.pool import WorkerPool, load_pool
+from nanochat.web.pool import PoolBusyError, WorkerPool, load_pool
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = httpx.Timeout(30.0)
@@ -435,6 +436,39 @@ def test_queue_cap_holds_under_concurrency(base_dir):
     assert (stats["requests_served"], stats["requests_rejected"]) == (len(served), len(refused))
 
 
+class _NoEngine:
+    """A pool slot for tests of the queue alone (nothing is generated)."""
+
+
+def test_pool_queue_is_fifo_and_cancelled_waiters_leak_nothing():
+    async def scenario():
+        pool = WorkerPool([_NoEngine(), _NoEngine()], devices=["cpu", "cpu"], queue_timeout=5.0, max_waiting=3)
+        first, second = await pool.acquire(), await pool.acquire()
+        assert (first.index, second.index, pool.waiting) == (0, 1, 0)
+        waiters = [asyncio.create_task(pool.acquire()) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert pool.waiting == 3
+        with pytest.raises(PoolBusyError, match="3 requests are already waiting \\(the limit is 3\\)"):
+            await pool.acquire()
+        waiters[1].cancel()  # a client that gives up while waiting leaves the queue
+        await asyncio.sleep(0)
+        assert pool.waiting == 2
+        pool._release(second)  # goes to the oldest waiter, not to whoever asks next
+        pool._release(first)
+        assert [(await waiters[0]).index, (await waiters[2]).index] == [1, 0]
+        late = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(0)
+        pool._release(first)
+        late.cancel()  # cancelled after the worker was handed over, before it ran: the worker must not leak
+        with pytest.raises(asyncio.CancelledError):
+            await late
+        assert pool.waiting == 0 and [w.index for w in pool._free] == [0]
+        assert (await pool.acquire()).index == 0
+        assert pool.stats()["waiting_peak"] == 3 and pool.counts["rejected"] == 1
+
+    asyncio.run(scenario())
+
+
 def test_concurrent_clients_get_their_own_replies(server, reference):
     """4 clients x 2 requests on 2 workers: every streamed reply is exactly the one its prompt and seed make."""
     jobs = [(client, turn) for client in range(4) for turn in range(2)]
@@ -605,6 +639,9 @@ def test_script_without_checkpoint_names_the_training_command(tmp_path, monkeypa
     with pytest.raises(SystemExit):
         main(["--device-type", "cpu", "--temperature", "5"])
     assert "--temperature=5.0 is out of range" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--device-type", "cpu", "--max-messages", "0"])
+    assert "--max-messages must be a positive integer, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
