@@ -48,6 +48,15 @@ def resolve_device_type(device_type: str | None) -> str:
     return device_type
 
 
+def device_type_flag(value: str) -> str:
+    """argparse `type` of --device-type: the resolved device ('' -> autodetected, so logs and reports name it);
+    a device this machine lacks is a usage error whose message says what to use (no traceback)."""
+    try:
+        return resolve_device_type(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def compute_dtype(device_type: str) -> torch.dtype:
     """bf16 where the hardware does it natively (CUDA SM80+), fp32 everywhere else."""
     if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from nanochat.common import add_flag
+from nanochat.common import add_flag, device_type_flag
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,13 +44,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m scripts.bench_chat_start", description=__doc__.splitlines()[0])
     add_flag(p, "--source", "-i", default="sft", choices=("base", "mid", "sft"), help="which training phase")
     add_flag(p, "--runs", type=int, default=3, help="fresh processes per measurement")
-    add_flag(p, "--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
+    add_flag(p, "--device-type", type=device_type_flag, default="", help="cuda | cpu | mps (default: autodetect)")
     args = p.parse_args(argv)
     if args.runs < 1:
         p.error("--runs must be >= 1")
-    chat_argv = ["-i", args.source, "-p", "hi", "--max-tokens", "1"]
-    if args.device_type:
-        chat_argv += ["--device-type", args.device_type]
+    chat_argv = ["-i", args.source, "-p", "hi", "--max-tokens", "1", "--device-type", args.device_type]
     firsts, floors = [], []
     for _ in range(args.runs):  # interleaved, so a change in machine load hits both figures alike
         firsts.append(first_token_seconds(chat_argv))

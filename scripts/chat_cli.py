@@ -110,9 +110,9 @@ def load(args):
     from nanochat.checkpoint_manager import load_model, resolve_checkpoint
     from nanochat.engine import Engine
 
+    device = compute_init(args.device_type, seed=args.seed).device
     checkpoint_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
     tag = os.path.basename(checkpoint_dir.rstrip("/"))
-    device = compute_init(args.device_type, seed=args.seed).device
     model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=tag, step=step)
     return Engine(model, tokenizer), f"{args.source}/{tag}@step{step:06d}"
 

@@ -74,7 +74,6 @@ def grad_accum(args, world_size: int) -> int:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     dist_info = compute_init(resolve_device_type(args.device_type), seed=args.seed)
-    args.device_type = dist_info.device_type  # the report and checkpoint name the device used, not ""
     summary = train(args, dist_info)
     compute_cleanup()
     return summary

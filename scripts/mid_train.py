@@ -83,7 +83,6 @@ def eval_steps(args, world_size: int, device_type: str) -> int:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     dist_info = compute_init(resolve_device_type(args.device_type), seed=args.seed)
-    args.device_type = dist_info.device_type  # the report and checkpoint name the device used, not ""
     summary = train(args, dist_info)
     compute_cleanup()
     return summary

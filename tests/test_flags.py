@@ -5,8 +5,10 @@ import argparse
 import importlib
 
 import pytest
+import torch
 
-from nanochat.common import add_flag
+from nanochat import common
+from nanochat.common import add_flag, device_type_flag
 
 COMMANDS = ["scripts.base_eval", "scripts.base_loss", "scripts.base_train", "scripts.bench_chat_start",
             "scripts.bench_mc", "scripts.bench_rustbpe", "scripts.bench_train", "scripts.chat_cli", "scripts.chat_eval",
@@ -47,6 +49,28 @@ def test_both_spellings_help_text_and_defaults(module_name, monkeypatch):
         shows_default = shows_default or "%(default)" in action.help
         assert shows_default, f"{module_name}: {long_names} does not show its default {action.default!r}"
     parser.format_help()  # every help string formats (no stray % signs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("module_name", COMMANDS)
+def test_cuda_on_a_cpu_machine_is_a_message_not_a_traceback(module_name, monkeypatch, tmp_path, capsys):
+    if "--device-type" not in command_parser(module_name, monkeypatch).format_help():
+        pytest.skip(f"{module_name} has no --device-type")
+    monkeypatch.undo()  # parse for real from here on
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:  # an uncaught ValueError (a traceback) fails the test
+        importlib.import_module(module_name).main(["--device-type", "cuda"])
+    assert exit_info.value.code in (1, 2)
+    assert "--device-type=cuda was asked for but no CUDA device is visible; use --device-type=cpu" in \
+        capsys.readouterr().err
+
+
+def test_device_type_flag_resolves_the_default(monkeypatch):
+    parser = argparse.ArgumentParser()
+    add_flag(parser, "--device-type", type=device_type_flag, default="", help="(default: autodetect)")
+    monkeypatch.setattr(common, "autodetect_device_type", lambda: "cpu")
+    assert parser.parse_args([]).device_type == "cpu"  # reports and logs name the device, not ""
+    assert parser.parse_args(["--device_type", "cpu"]).device_type == "cpu"
 
 
 def test_add_flag_spellings_and_default_in_help():
