@@ -45,7 +45,7 @@ if [ "$gpu" = cpu ]; then
   stage_train chat_sft sft "$TAG" python -m scripts.chat_sft --run="$RUN" --data=offline --max-seq-len=256 \
     --device-batch-size=8 --target-examples-per-step=16 --num-iterations=30 --eval-every=-1 --eval-steps=4 \
     --save-every=15
-  stage_once chat_eval python -m scripts.chat_eval -i sft --data=offline -x 50
+  stage_once chat_eval python -m scripts.chat_eval -i sft --run="$RUN" --data=offline -x 50
 else
   # One GPU, depth 12 (~3 B tokens at the default data:param ratio); the H100 fits twice the device batch.
   TAG=d12
@@ -59,7 +59,7 @@ else
   stage_once base_eval python -m scripts.base_eval
   stage_train mid_train mid "$TAG" python -m scripts.mid_train --run="$RUN" --device-batch-size="$DBS" --save-every=500
   stage_train chat_sft sft "$TAG" python -m scripts.chat_sft --run="$RUN" --save-every=500
-  stage_once chat_eval python -m scripts.chat_eval -i sft
+  stage_once chat_eval python -m scripts.chat_eval -i sft --run="$RUN"
 fi
 
 python -m scripts.chat_cli -p "Why is the sky blue?"

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import load_checkpoint, load_model, resolve_checkpoint
-from nanochat.common import add_flag, autocast_context, get_base_dir, print0
+from nanochat.common import add_flag, autocast_context, device_type_flag, get_base_dir, print0
 from nanochat.grad_sync import all_reduce_gradients
 from nanochat.run_state import add_optimizer_flags, restore_optimizer_states
 from nanochat.tasks.mixtures import DATA_CHOICES
@@ -32,7 +32,7 @@ def add_stage_flags(p: argparse.ArgumentParser, *, device_batch_size: int, max_s
                     warmdown_ratio: float, eval_every: int) -> None:
     """Flags with the same meaning in mid_train and chat_sft (nanochat names, dash or underscore)."""
     add_flag(p, "--run", default="dummy", help="W&B run name ('dummy' = no W&B; WANDB_MODE=offline works)")
-    add_flag(p, "--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
+    add_flag(p, "--device-type", type=device_type_flag, default="", help="cuda | cpu | mps (default: autodetect)")
     add_flag(p, "--model-tag", default=None, help="model tag to load from the previous stage and save under "
              "(default: the largest one there)")
     add_flag(p, "--model-step", type=int, default=None, help="step of the previous stage to start from (default: last)")

@@ -130,7 +130,7 @@ run_multi_gpu_recipe() {
   stage_train mid_train mid "$tag" "${torchrun[@]}" -m scripts.mid_train -- --run="$run" --device-batch-size="$dbs" \
     --save-every=500
   stage_train chat_sft sft "$tag" "${torchrun[@]}" -m scripts.chat_sft -- --run="$run" --save-every=500
-  stage_once chat_eval "${torchrun[@]}" -m scripts.chat_eval -- -i sft
+  stage_once chat_eval "${torchrun[@]}" -m scripts.chat_eval -- -i sft --run="$run"
   python -m scripts.chat_cli -p "Why is the sky blue?"
   stage_report
 }

@@ -1,6 +1,7 @@
 """The chat server (nanochat.web + scripts.chat_web) against a tiny checkpoint: streaming, the OpenAI endpoint,
 limits, disconnects, a busy pool, concurrent clients; most tests talk to a real uvicorn on a loopback socket."""
 
+import asyncio
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from nanochat.engine import Engine
 from nanochat.web.app import create_app
 from nanochat.web.generation import Reply, SamplingParams, TokenDecoder, assistant_content, prompt_ids
 from nanochat.web.limits import MAX_BODY_BYTES, SamplingDefaults
-from nanochat.web.pool import WorkerPool, load_pool
+from nanochat.web.pool import PoolBusyError, WorkerPool, load_pool
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = httpx.Timeout(30.0)
@@ -137,18 +138,53 @@ def test_assistant_text_with_tool_markers_becomes_parts():
 # ------------------------------------------------------------------------------------------------- endpoints
 
 
-def test_page_health_and_stats(server):
-    page = httpx.get(server.url + "/", timeout=TIMEOUT)
-    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    html = page.text
-    assert "<textarea" in html and "New Conversation" in html and "/chat/completions" in html
-    assert "http://" not in html and "https://" not in html and "<link" not in html and "src=" not in html
-    health = httpx.get(server.url + "/health", timeout=TIMEOUT).json()
-    assert health == {"status": "ok", "ready": True, "model": "sft/d1@step000001", "workers": 2, "available": 2}
-    stats = get_stats(server.url)
-    assert stats["workers"] == 2 and stats["busy"] == 0 and len(stats["per_worker"]) == 2
-    for key in ("requests_served", "requests_cancelled", "requests_rejected", "tokens_generated", "waiting"):
-        assert isinstance(stats[key], int)
+def test_page_health_and_stats(base_dir):
+    pool, name = load_pool("sft", "cpu", num_workers=2, max_waiting=5)
+    with LoopbackServer(create_app(pool, model_name=name)) as server:  # a fresh pool: every counter is known
+        page = httpx.get(server.url + "/", timeout=TIMEOUT)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        html = page.text
+        assert "<textarea" in html and "New Conversation" in html and "/chat/completions" in html
+        assert "http://" not in html and "https://" not in html and "<link" not in html and "src=" not in html
+        health = httpx.get(server.url + "/health", timeout=TIMEOUT).json()
+        assert health == {"status": "ok", "ready": True, "model": "sft/d1@step000001", "workers": 2, "available": 2}
+        stats = get_stats(server.url)
+        assert 0 <= stats.pop("uptime_s") < 60
+        assert stats == {"model": "sft/d1@step000001", "workers": 2, "busy": 0, "available": 2, "waiting": 0,
+                         "waiting_peak": 0, "max_waiting": 5, "requests_served": 0, "requests_cancelled": 0,
+                         "requests_failed": 0, "requests_rejected": 0, "tokens_generated": 0,
+                         "per_worker": [{"index": 0, "device": "cpu", "busy": False, "requests": 0, "tokens": 0},
+                                        {"index": 1, "device": "cpu", "busy": False, "requests": 0, "tokens": 0}]}
+        native_reply(server.url, {"messages": user("count me"), "max_tokens": 6})
+        stats = get_stats(server.url)
+        assert (stats["requests_served"], stats["tokens_generated"], stats["per_worker"][0]["tokens"]) == (1, 6, 6)
+
+
+def test_models_endpoint_lists_the_served_model(server):
+    response = httpx.get(server.url + "/v1/models", timeout=TIMEOUT)
+    assert response.status_code == 200
+    data = response.json()
+    assert data["object"] == "list" and len(data["data"]) == 1
+    model = data["data"][0]
+    assert model["id"] == "sft/d1@step000001" and model["object"] == "model" and model["owned_by"] == "nanochat"
+    assert abs(model["created"] - time.time()) < 600
+
+
+@pytest.mark.parametrize("method, path, status, message", [
+    ("GET", "/nope", 404, "no endpoint at /nope; the endpoints are GET /, POST /chat/completions"),
+    ("POST", "/v1/completions", 404, "no endpoint at /v1/completions"),
+    ("GET", "/chat/completions", 405, "GET is not allowed on /chat/completions; use POST"),
+    ("GET", "/v1/chat/completions", 405, "GET is not allowed on /v1/chat/completions; use POST"),
+    ("POST", "/health", 405, "POST is not allowed on /health; use GET"),
+    ("DELETE", "/v1/models", 405, "DELETE is not allowed on /v1/models; use GET"),
+])
+def test_unknown_paths_and_wrong_methods_use_the_error_format(server, method, path, status, message):
+    response = httpx.request(method, server.url + path, timeout=TIMEOUT)
+    assert response.status_code == status
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["code"] == status and body["error"]["param"] is None
+    assert body["error"]["message"].startswith(message)
+    assert body["error"]["type"] == ("not_found_error" if status == 404 else "method_not_allowed")
 
 
 def test_sse_stream_matches_the_engine(server, reference):
@@ -166,7 +202,7 @@ def test_sse_stream_matches_the_engine(server, reference):
 def test_server_defaults_apply_and_seed_is_echoed(server, reference):
     messages = user("defaults please")
     text, done = native_reply(server.url, {"messages": messages, "max_tokens": 12})
-    assert isinstance(done["seed"], int) and done["tokens"] == 12
+    assert 0 <= done["seed"] <= 2**53 - 1 and done["tokens"] == 12  # drawn at random: only its range is known
     assert text == reference(messages, 12, temperature=0.8, top_k=50, seed=done["seed"]).text
 
 
@@ -364,6 +400,75 @@ def test_queue_limit_rejects_at_once(base_dir):
             assert time.perf_counter() - started < 2.0
 
 
+def test_queue_cap_holds_under_concurrency(base_dir):
+    """60 clients at once on one worker with the default cap of 32 waiting: the queue never grows past 32, every
+    refusal says so, and every admitted request gets its whole reply."""
+    pool, _ = load_pool("sft", "cpu", num_workers=1, queue_timeout=60.0)
+    assert pool.max_waiting == 32
+    clients, max_tokens = 60, 40
+    results, errors = [], []
+    with LoopbackServer(create_app(pool)) as running:
+        barrier = threading.Barrier(clients)
+
+        def run_client(i: int):
+            try:
+                barrier.wait(timeout=30)
+                response = httpx.post(running.url + "/v1/chat/completions", timeout=httpx.Timeout(120.0),
+                                      json={"messages": user(f"client {i}"), "max_tokens": max_tokens, "seed": i})
+                results.append((response.status_code, response.json()))
+            except Exception as e:  # surfaced by the assertion below
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=run_client, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors and not any(t.is_alive() for t in threads), errors[:3]
+        stats = get_stats(running.url)
+    served = [body for status, body in results if status == 200]
+    refused = [body for status, body in results if status == 503]
+    assert len(served) + len(refused) == clients and refused, [status for status, _ in results]
+    assert all(body["usage"]["completion_tokens"] == max_tokens for body in served)
+    assert {body["error"]["message"] for body in refused} == {
+        "all 1 workers are busy and 32 requests are already waiting (the limit is 32); retry later"}
+    assert stats["waiting_peak"] == 32 and stats["waiting"] == 0 and stats["busy"] == 0
+    assert (stats["requests_served"], stats["requests_rejected"]) == (len(served), len(refused))
+
+
+class _NoEngine:
+    """A pool slot for tests of the queue alone (nothing is generated)."""
+
+
+def test_pool_queue_is_fifo_and_cancelled_waiters_leak_nothing():
+    async def scenario():
+        pool = WorkerPool([_NoEngine(), _NoEngine()], devices=["cpu", "cpu"], queue_timeout=5.0, max_waiting=3)
+        first, second = await pool.acquire(), await pool.acquire()
+        assert (first.index, second.index, pool.waiting) == (0, 1, 0)
+        waiters = [asyncio.create_task(pool.acquire()) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert pool.waiting == 3
+        with pytest.raises(PoolBusyError, match="3 requests are already waiting \\(the limit is 3\\)"):
+            await pool.acquire()
+        waiters[1].cancel()  # a client that gives up while waiting leaves the queue
+        await asyncio.sleep(0)
+        assert pool.waiting == 2
+        pool._release(second)  # goes to the oldest waiter, not to whoever asks next
+        pool._release(first)
+        assert [(await waiters[0]).index, (await waiters[2]).index] == [1, 0]
+        late = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(0)
+        pool._release(first)
+        late.cancel()  # cancelled after the worker was handed over, before it ran: the worker must not leak
+        with pytest.raises(asyncio.CancelledError):
+            await late
+        assert pool.waiting == 0 and [w.index for w in pool._free] == [0]
+        assert (await pool.acquire()).index == 0
+        assert pool.stats()["waiting_peak"] == 3 and pool.counts["rejected"] == 1
+
+    asyncio.run(scenario())
+
+
 def test_concurrent_clients_get_their_own_replies(server, reference):
     """4 clients x 2 requests on 2 workers: every streamed reply is exactly the one its prompt and seed make."""
     jobs = [(client, turn) for client in range(4) for turn in range(2)]
@@ -534,3 +639,17 @@ def test_script_without_checkpoint_names_the_training_command(tmp_path, monkeypa
     with pytest.raises(SystemExit):
         main(["--device-type", "cpu", "--temperature", "5"])
     assert "--temperature=5.0 is out of range" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--device-type", "cpu", "--max-messages", "0"])
+    assert "--max-messages must be a positive integer, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_script_asked_for_cuda_on_a_cpu_machine_says_so(base_dir, capsys):
+    from scripts.chat_web import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device-type", "cuda"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == ("chat_web: --device-type=cuda was asked for but no CUDA device is visible; "
+                                       "use --device-type=cpu\n")
