@@ -88,8 +88,8 @@ def reset_chat_token_logits(model, tokenizer) -> None:
     The rest of that first loss stays above the uniform guess: the offline chat mixture's text itself (letters,
     digits, modern English) scores ~9 nats under a model trained on plays only (the same conversations rendered
     as plain text: 8.89), because the model is confidently wrong outside its corpus. That is domain shift, not a
-    bug, and it falls fast (the progress line reads 6.85 at step 3). The optimizer state and the learning rate cannot change it either: a
-    step's loss is measured before its update.
+    bug, and it falls fast (the progress line reads 6.85 at step 3). The optimizer state and the learning rate
+    cannot change it either: a step's loss is measured before its update.
     """
     rows = [tokenizer.encode_special(name) for name in CHAT_ONLY_TOKENS]
     model.lm_head.weight[rows] = 0.0

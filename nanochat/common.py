@@ -208,8 +208,8 @@ def atomic_open(path: str, mode: str = "wb"):
 
 def strip_separator(argv: list[str] | None = None) -> list[str]:
     """The script's arguments without a leading '--': `torchrun ... -m scripts.X -- --flag` and nanochat's
-    documented `python -m scripts.chat_eval -- -i sft` pass it on, and argparse would take every flag after it as positional.
-    None means the command line (sys.argv[1:])."""
+    documented `python -m scripts.chat_eval -- -i sft` pass it on, and argparse would take every flag after it
+    as positional. None means the command line (sys.argv[1:])."""
     if argv is None:
         argv = sys.argv[1:]
     return argv[1:] if argv and argv[0] == "--" else list(argv)

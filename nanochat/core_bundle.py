@@ -14,9 +14,9 @@ the unpacked bundle (the zip may hold it at its root or inside one top-level fol
         language_modeling  {"context", "continuation"}
 
 The download goes through nanochat.download (retried with backoff on 5xx, 408/429, dropped connections,
-truncated bodies, corrupt zips; written atomically); the zip is checked, unpacked into a temp folder, validated with `load_bundle`, and only then renamed
-to `eval_bundle/`: that folder exists exactly when a complete bundle is there. `nanochat.core_offline` writes
-its generated tasks in this same layout, so one loader serves both.
+truncated bodies, corrupt zips; written atomically); the zip is checked, unpacked into a temp folder, validated
+with `load_bundle`, and only then renamed to `eval_bundle/`: that folder exists exactly when a complete bundle
+is there. `nanochat.core_offline` writes its generated tasks in this same layout, so one loader serves both.
 """
 
 import argparse

@@ -278,7 +278,8 @@ def ensure_offline_bundle(texts: list[str] | None = None, bundle_dir: str | None
     """The offline bundle folder, (re)generated when missing or made from other texts / settings."""
     bundle_dir = bundle_dir or default_offline_dir()
     texts = source_texts(printer) if texts is None else texts
-    if bundle_present(bundle_dir) and read_json(os.path.join(bundle_dir, MANIFEST_FILE)) == _fingerprint(texts, per_task, seed):
+    manifest = read_json(os.path.join(bundle_dir, MANIFEST_FILE))
+    if bundle_present(bundle_dir) and manifest == _fingerprint(texts, per_task, seed):
         return bundle_dir
     write_offline_bundle(texts, bundle_dir, per_task, seed)
     printer(f"offline CORE tasks written to {bundle_dir} ({len(OFFLINE_TASKS)} tasks × {per_task} examples)")
