@@ -1,7 +1,7 @@
 """The chat server (nanochat.web + scripts.chat_web) against a tiny checkpoint: streaming, the OpenAI endpoint,
-limits, disconnects, a busy pool, concurrent clients; most tests talk to a real uvicorn on a loopback socket."""
+limits, disconnects, concurrent clients (the queue itself: test_web_pool.py); most tests talk to a real uvicorn on a
+loopback socket."""
 
-import asyncio
 import json
 import logging
 import os
@@ -14,45 +14,25 @@ import time
 import httpx
 import pytest
 import torch
-from chat_fixtures import LoopbackServer, make_tiny_checkpoint
+from chat_fixtures import (
+    TIMEOUT,
+    LoopbackServer,
+    get_stats,
+    make_tiny_checkpoint,
+    native_reply,
+    parse_sse,
+    user,
+    wait_for,
+)
 
 from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine
 from nanochat.web.app import create_app
 from nanochat.web.generation import Reply, SamplingParams, TokenDecoder, assistant_content, prompt_ids
 from nanochat.web.limits import MAX_BODY_BYTES, SamplingDefaults
-from nanochat.web.pool import PoolBusyError, WorkerPool, load_pool
+from nanochat.web.pool import WorkerPool, load_pool
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT = httpx.Timeout(30.0)
-
-
-def user(text: str) -> list[dict]:
-    return [{"role": "user", "content": text}]
-
-
-def parse_sse(lines) -> list:
-    """data: payloads of an SSE stream, JSON-decoded except the literal [DONE]."""
-    events = []
-    for line in lines:
-        if line.startswith("data: "):
-            data = line[len("data: "):]
-            events.append(data if data == "[DONE]" else json.loads(data))
-        else:
-            assert line == "", f"unexpected SSE line {line!r}"
-    return events
-
-
-def native_reply(url: str, body: dict) -> tuple[str, dict]:
-    """(text assembled from the streamed tokens, the final done event) of POST /chat/completions."""
-    with httpx.stream("POST", url + "/chat/completions", json=body, timeout=TIMEOUT) as response:
-        assert response.status_code == 200, response.read()
-        assert response.headers["content-type"].startswith("text/event-stream")
-        events = parse_sse(response.iter_lines())
-    *tokens, done = events
-    assert all(set(e) == {"token"} and e["token"] for e in tokens), tokens[:3]
-    assert done["done"] is True
-    return "".join(e["token"] for e in tokens), done
 
 
 def openai_stream_reply(url: str, body: dict) -> tuple[str, list]:
@@ -65,17 +45,6 @@ def openai_stream_reply(url: str, body: dict) -> tuple[str, list]:
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     return text, chunks
-
-
-def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +79,6 @@ def server(base_dir):
     with LoopbackServer(create_app(pool, SamplingDefaults(), model_name=name)) as running:
         running.pool = pool
         yield running
-
-
-def get_stats(url: str) -> dict:
-    return httpx.get(url + "/stats", timeout=TIMEOUT).json()
 
 
 # ------------------------------------------------------------------------------------------------- text helpers
@@ -361,112 +326,6 @@ def test_health_answers_while_generating(server):
         assert time.perf_counter() - started < 2.0
         assert health["status"] == "ok" and health["available"] == 1
     wait_for(lambda: get_stats(server.url)["busy"] == 0)
-
-
-def test_busy_pool_answers_503_then_recovers(base_dir):
-    model, tokenizer, _ = load_model("sft", torch.device("cpu"))
-    pool = WorkerPool([Engine(model, tokenizer)], queue_timeout=0.3, max_waiting=1)
-    long_body = {"messages": user("occupy the worker"), "max_tokens": 4096}
-    with LoopbackServer(create_app(pool)) as running:
-        with httpx.stream("POST", running.url + "/chat/completions", json=long_body, timeout=TIMEOUT) as held:
-            lines = held.iter_lines()  # keep a reference: a dropped iterator closes the stream
-            next(lines)
-            started = time.perf_counter()
-            response = httpx.post(running.url + "/chat/completions", json={"messages": user("me too")},
-                                  timeout=TIMEOUT)
-            waited = time.perf_counter() - started
-            assert response.status_code == 503 and response.headers["retry-after"] == "1"
-            error = response.json()["error"]
-            assert error["type"] == "server_busy" and "within 0.3 s" in error["message"]
-            assert 0.25 < waited < 5.0
-        wait_for(lambda: get_stats(running.url)["busy"] == 0)
-        stats = get_stats(running.url)
-        assert stats["requests_rejected"] == 1 and stats["requests_cancelled"] == 1
-        _, done = native_reply(running.url, {"messages": user("now?"), "max_tokens": 5})
-        assert done["tokens"] == 5
-
-
-def test_queue_limit_rejects_at_once(base_dir):
-    model, tokenizer, _ = load_model("sft", torch.device("cpu"))
-    pool = WorkerPool([Engine(model, tokenizer)], queue_timeout=10.0, max_waiting=0)
-    with LoopbackServer(create_app(pool)) as running:
-        with httpx.stream("POST", running.url + "/chat/completions", timeout=TIMEOUT,
-                          json={"messages": user("occupy"), "max_tokens": 4096}) as held:
-            lines = held.iter_lines()  # keep a reference: a dropped iterator closes the stream
-            next(lines)
-            started = time.perf_counter()
-            response = httpx.post(running.url + "/v1/chat/completions", json={"messages": user("x")}, timeout=TIMEOUT)
-            assert response.status_code == 503 and "already waiting" in response.json()["error"]["message"]
-            assert time.perf_counter() - started < 2.0
-
-
-def test_queue_cap_holds_under_concurrency(base_dir):
-    """60 clients at once on one worker with the default cap of 32 waiting: the queue never grows past 32, every
-    refusal says so, and every admitted request gets its whole reply."""
-    pool, _ = load_pool("sft", "cpu", num_workers=1, queue_timeout=60.0)
-    assert pool.max_waiting == 32
-    clients, max_tokens = 60, 40
-    results, errors = [], []
-    with LoopbackServer(create_app(pool)) as running:
-        barrier = threading.Barrier(clients)
-
-        def run_client(i: int):
-            try:
-                barrier.wait(timeout=30)
-                response = httpx.post(running.url + "/v1/chat/completions", timeout=httpx.Timeout(120.0),
-                                      json={"messages": user(f"client {i}"), "max_tokens": max_tokens, "seed": i})
-                results.append((response.status_code, response.json()))
-            except Exception as e:  # surfaced by the assertion below
-                errors.append(repr(e))
-
-        threads = [threading.Thread(target=run_client, args=(i,)) for i in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert not errors and not any(t.is_alive() for t in threads), errors[:3]
-        stats = get_stats(running.url)
-    served = [body for status, body in results if status == 200]
-    refused = [body for status, body in results if status == 503]
-    assert len(served) + len(refused) == clients and refused, [status for status, _ in results]
-    assert all(body["usage"]["completion_tokens"] == max_tokens for body in served)
-    assert {body["error"]["message"] for body in refused} == {
-        "all 1 workers are busy and 32 requests are already waiting (the limit is 32); retry later"}
-    assert stats["waiting_peak"] == 32 and stats["waiting"] == 0 and stats["busy"] == 0
-    assert (stats["requests_served"], stats["requests_rejected"]) == (len(served), len(refused))
-
-
-class _NoEngine:
-    """A pool slot for tests of the queue alone (nothing is generated)."""
-
-
-def test_pool_queue_is_fifo_and_cancelled_waiters_leak_nothing():
-    async def scenario():
-        pool = WorkerPool([_NoEngine(), _NoEngine()], devices=["cpu", "cpu"], queue_timeout=5.0, max_waiting=3)
-        first, second = await pool.acquire(), await pool.acquire()
-        assert (first.index, second.index, pool.waiting) == (0, 1, 0)
-        waiters = [asyncio.create_task(pool.acquire()) for _ in range(3)]
-        await asyncio.sleep(0)
-        assert pool.waiting == 3
-        with pytest.raises(PoolBusyError, match="3 requests are already waiting \\(the limit is 3\\)"):
-            await pool.acquire()
-        waiters[1].cancel()  # a client that gives up while waiting leaves the queue
-        await asyncio.sleep(0)
-        assert pool.waiting == 2
-        pool._release(second)  # goes to the oldest waiter, not to whoever asks next
-        pool._release(first)
-        assert [(await waiters[0]).index, (await waiters[2]).index] == [1, 0]
-        late = asyncio.create_task(pool.acquire())
-        await asyncio.sleep(0)
-        pool._release(first)
-        late.cancel()  # cancelled after the worker was handed over, before it ran: the worker must not leak
-        with pytest.raises(asyncio.CancelledError):
-            await late
-        assert pool.waiting == 0 and [w.index for w in pool._free] == [0]
-        assert (await pool.acquire()).index == 0
-        assert pool.stats()["waiting_peak"] == 3 and pool.counts["rejected"] == 1
-
-    asyncio.run(scenario())
 
 
 def test_concurrent_clients_get_their_own_replies(server, reference):

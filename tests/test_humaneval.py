@@ -20,10 +20,16 @@ def test_the_packaged_problems_load(task):
     assert first["messages"][1]["content"].startswith(first["messages"][0]["content"])
 
 
-def test_every_canonical_solution_passes_and_a_stub_fails(task):
-    body_passed = [i for i in range(len(task)) if task.evaluate(task[i], task[i]["problem"]["canonical_solution"])]
-    assert len(body_passed) == NUM_PROBLEMS
-    assert not any(task.evaluate(task[i], "    return None\n") for i in range(0, NUM_PROBLEMS, 8))
+@pytest.mark.slow
+def test_every_canonical_solution_passes(task):
+    failed = [i for i in range(len(task)) if not task.evaluate(task[i], task[i]["problem"]["canonical_solution"])]
+    assert failed == []
+
+
+def test_canonical_solutions_pass_and_stubs_fail(task):
+    sample = range(0, NUM_PROBLEMS, 16)  # every 16th problem; the slow test above runs them all
+    assert all(task.evaluate(task[i], task[i]["problem"]["canonical_solution"]) for i in sample)
+    assert not any(task.evaluate(task[i], "    return None\n") for i in sample)
 
 
 def test_a_fenced_full_function_is_extracted(task):

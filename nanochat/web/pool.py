@@ -120,16 +120,22 @@ class WorkerPool:
         self.waiting_peak = max(self.waiting_peak, len(self._waiters))
         try:
             await asyncio.wait([handoff], timeout=self.queue_timeout)
-        finally:
-            if not handoff.done():  # timed out, or this request was cancelled while waiting
-                handoff.cancel()
-                self._waiters.remove(handoff)
-            elif not handoff.cancelled() and asyncio.current_task().cancelling():
-                self._release(handoff.result())  # got a worker just as it was cancelled: pass it on
-        if handoff.cancelled():
+        except asyncio.CancelledError:  # the request itself was cancelled while waiting
+            self._withdraw(handoff)
+            raise
+        if not handoff.done():
+            self._withdraw(handoff)
             self.counts["rejected"] += 1
             raise PoolBusyError(f"no worker became free within {self.queue_timeout:g} s; retry later")
         return self._take(handoff.result())
+
+    def _withdraw(self, handoff: asyncio.Future) -> None:
+        """A waiter leaves: out of the queue, or, if a worker was already handed to it, the worker goes on."""
+        if handoff.done():
+            self._release(handoff.result())
+        else:
+            handoff.cancel()
+            self._waiters.remove(handoff)
 
     @staticmethod
     def _take(worker: Worker) -> Worker:
