@@ -263,9 +263,10 @@ class MCSession:
     # ------------------------------------------------------------------ inspection
     def focus_map(self) -> dict:
         """The WC as runs of consecutive entries at one level: which spans of the history are raw or gists."""
-        starts, ends = self.wc.spans()
+        wc = self.wc  # one snapshot: a reply may replace self.wc meanwhile (read from another thread)
+        starts, ends = wc.spans()
         runs = []
-        levels = self.wc.levels
+        levels = wc.levels
         i = 0
         while i < len(levels):
             j = i
@@ -274,9 +275,9 @@ class MCSession:
             runs.append({"level": int(levels[i]), "start": int(starts[i]), "end": int(ends[j]),
                          "entries": j - i + 1})
             i = j + 1
-        return {"session": self.session_id, "tokens": self.num_tokens, "wc_length": len(self.wc),
+        return {"session": self.session_id, "tokens": wc.num_tokens, "wc_length": len(wc),
                 "w_max": self.w_max, "block_size": self.cfg.block_size, "max_level": self.cfg.mc_max_lod,
-                "level_counts": self.wc.level_counts(self.cfg.mc_max_lod).tolist(), "refocuses": len(self.refocuses),
+                "level_counts": wc.level_counts(self.cfg.mc_max_lod).tolist(), "refocuses": len(self.refocuses),
                 "runs": runs, "updated": time.time()}
 
     def node_keys(self) -> np.ndarray:
