@@ -12,8 +12,9 @@ cache is truncated there and only the rest is recomputed (`last_recompute` says 
 A history too long for the WC to hold at this budget (`MCConfig.max_history_tokens`) is refused up front with
 an error naming the flags to raise; the tree is left untouched.
 
-A prompt longer than the window is ingested without ever scoring more than W_max entries: the excess is first
-folded into gists oldest-first (the allocator's budget pass with neutral scores), then LensNet refocuses.
+A prompt longer than the window is ingested one window at a time: each window's tokens join the tree and the WC,
+the part past W_max is folded into gists oldest-first (the allocator's budget pass with neutral scores), then
+LensNet refocuses. So ingest memory is that of one window, whatever the prompt's length.
 
 Several samples (`fork(n)`) share the history: the cache of the shared WC is copied n times, the tree is not.
 Their tokens are not added to the history (which sample would it be?), so a forked reply must fit the room
@@ -33,8 +34,6 @@ from megacontext.tree import MegaContextTree, TreeStore
 from megacontext.wc_inputs import build_wc_batch
 from megacontext.working_context import WorkingContext, check_invariants, extend, raw_wc, recency_wc
 from nanochat.gpt import KVCache
-
-INGEST_CHUNK = 8192  # tokens embedded and gisted per tree append (bounds memory for very long prompts)
 
 
 class HistoryTooLongError(ValueError):
@@ -121,12 +120,15 @@ class MCSession:
         if not ids:
             return
         self.check_room(len(ids))
-        for i in range(0, len(ids), INGEST_CHUNK):
-            self.tree.append_tokens(ids[i:i + INGEST_CHUNK])
-        self.wc = extend(self.wc, self.num_tokens)
-        self.since_refocus += len(ids)
-        if len(self.wc) > self.w_max or self.since_refocus >= self.cfg.refocus_interval:
-            self.refocus()
+        # a window's worth at a time: memory stays that of one window however long the prompt, and LensNet gets
+        # a say on every window of it
+        for i in range(0, len(ids), self.w_max):
+            chunk = ids[i:i + self.w_max]
+            self.tree.append_tokens(chunk)
+            self.wc = extend(self.wc, self.num_tokens)
+            self.since_refocus += len(chunk)
+            if len(self.wc) > self.w_max or self.since_refocus >= self.cfg.refocus_interval:
+                self.refocus()
 
     def restore_wc(self, levels, indices) -> None:
         """Resume a saved focus (a reopened conversation): the WC must cover exactly the tree's tokens."""

@@ -97,7 +97,7 @@ def test_long_prompt_is_folded_into_the_window(model):
     session.prefill(rng.integers(0, 300, size=history).tolist())
     assert session.num_tokens == history
     check_invariants(session.wc, nets.cfg.mc_max_lod, nets.cfg.recent_tokens, max_length=session.w_max)
-    assert session.refocuses[0].folded
+    assert sum(r.folded for r in session.refocuses) >= 60  # one window at a time, each folded past W_max
     assert (session.wc.levels == nets.cfg.mc_max_lod).any()
     focus = session.focus_map()
     assert focus["runs"][0]["start"] == 0 and focus["runs"][-1]["end"] == history
