@@ -108,8 +108,8 @@ class MCSession:
             raise HistoryTooLongError(
                 f"this conversation would hold {total} tokens, but a working context of W_max={self.w_max} with "
                 f"block_size={self.cfg.block_size} and mc_max_lod={self.cfg.mc_max_lod} covers at most "
-                f"{self.max_history}; raise --mc_max_lod (x{self.cfg.block_size} per level) or --mc_wc_max, or "
-                f"start a new conversation")
+                f"{self.max_history}; use a checkpoint trained with a larger --mc_max_lod (each level multiplies the "
+                f"reach by {self.cfg.block_size}) or --mc_wc_max, or start a new conversation")
 
     @torch.inference_mode()
     def append(self, ids) -> None:
@@ -120,6 +120,7 @@ class MCSession:
         if not ids:
             return
         self.check_room(len(ids))
+        self.last_logits = None  # they were for a shorter history
         # a window's worth at a time: memory stays that of one window however long the prompt, and LensNet gets
         # a say on every window of it
         for i in range(0, len(ids), self.w_max):
@@ -161,6 +162,8 @@ class MCSession:
         kept = cached if first is None else min(first, cached)
         if self.cache is not None and kept < cached:
             self.cache.truncate(kept)
+        if first is not None:
+            self.last_logits = None
         record = RefocusRecord(before, len(self.wc), first, kept, expands, collapses, swap, folded)
         self.refocuses.append(record)
         self.since_refocus = 0
@@ -192,7 +195,7 @@ class MCSession:
         else:
             embeds, rotary = wc_suffix_inputs(self.wc, start, self.tree, self.nets, self.model.embed,
                                               self.cfg.mc_positional, self.head_dim, self.device)
-            logits = self.model(inputs_embeds=embeds, rotary=rotary, kv_cache=self.cache)
+            logits = self.model(inputs_embeds=embeds, rotary=rotary, kv_cache=self.cache, last_logits_only=True)
         if self.refocuses and self.refocuses[-1].recomputed is None:
             self.refocuses[-1].recomputed = W - start
         self.last_recompute = W - start

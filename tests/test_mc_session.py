@@ -152,3 +152,11 @@ def test_disk_session_reopens_with_its_history(model, tmp_path):
     assert again.tree.store.get_tokens(0, len(ids)).tolist() == ids
     again.restore_wc(levels, indices)
     torch.testing.assert_close(again.forward()[0], full_forward_logits(again))
+
+
+def test_last_logits_only_equals_the_last_row_of_full_logits(model):
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, last_logits_only=True), model(ids)[:, -1:])
+    with pytest.raises(ValueError, match="last_logits_only"):
+        model(ids, targets=ids, last_logits_only=True)
