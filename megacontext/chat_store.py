@@ -65,6 +65,10 @@ class MCConversation:
         """Token ids of the messages this conversation has not seen, and their digests."""
         n = len(self.digests)
         digests = [message_digest(m) for m in messages]
+        if n and len(messages) > n and messages[n - 1]["role"] == "assistant" and digests[:n - 1] == self.digests[:-1]:
+            # our last reply may come back shorter: a client that stopped it keeps only the text it had received
+            # (the history holds every token the model wrote)
+            self.digests[-1] = digests[n - 1]
         if digests[:n] != self.digests or len(messages) <= n:
             raise ConversationError(409, f"the messages do not continue conversation {self.id!r} (it holds {n} "
                                          "messages and they differ or were not all sent): send the whole "

@@ -100,6 +100,14 @@ def test_edited_history_unknown_focus_and_bad_ids_are_4xx(server):
     assert r.status_code == 400 and "conversation id" in r.json()["error"]["message"]
 
 
+def test_a_stopped_reply_may_come_back_shorter(server):
+    messages = converse(server.url, "gamma", 1)
+    messages[-1]["content"] = messages[-1]["content"][:5]  # the page kept what it had when the user pressed Stop
+    messages.append({"role": "user", "content": "go on"})
+    chat(server.url, messages, "gamma")
+    assert focus(server.url, "gamma")["replies"] == 2
+
+
 def test_least_recently_used_conversation_is_evicted(server):
     for name in ("c1", "c2", "c3"):
         converse(server.url, name, 1)
