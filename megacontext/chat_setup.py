@@ -24,7 +24,8 @@ def add_mc_chat_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("MegaContext")
     g.add_argument("--mc", action="store_true", help="MegaContext: conversations of any length (needs MC nets)")
     add_flag(g, "--mc_tree", choices=TREE_BACKENDS, default=None, help="ram | disk (default: the checkpoint's)")
-    add_flag(g, "--mc_tree_dir", default=None, help="where disk conversations live ($NANOCHAT_BASE_DIR/mc_tree)")
+    add_flag(g, "--mc_tree_dir", default=None,
+             help="where disk conversations live ($NANOCHAT_BASE_DIR/mc_conversations)")
     add_flag(g, "--mc_refocus_interval", type=int, default=None, help="tokens between refocus steps")
     add_flag(g, "--allocator_soft_max_length", type=int, default=None, help="WC length each refocus aims for")
     add_flag(g, "--mc_max_conversations", type=int, default=16, help="conversations kept open (LRU beyond)")

@@ -11,8 +11,9 @@ starts a history from the whole list, however long. So the model's window never 
 tree's capacity (`MCConfig.max_history_tokens`) does, with an error naming the flags to raise.
 
 At most `max_conversations` sessions stay open; the least recently used one is closed when another opens.
-With `--mc_tree disk` each conversation lives in `<mc_tree_dir>/<id>/`: the tree (flushed after every reply)
-and `state.json` (message digests and the focus). A conversation closed, evicted or lost with a killed server
+With `--mc_tree disk` each conversation lives in `<mc_tree_dir>/<id>/` (default
+$NANOCHAT_BASE_DIR/mc_conversations/<id>/): the tree (flushed after every reply) and `state.json` (message
+digests and the focus). A conversation closed, evicted or lost with a killed server
 reopens from there with its whole history. A reply that never finished leaves no trace: the tree rolls back to
 its last flush, and the client sends that turn again.
 """
@@ -32,7 +33,7 @@ import numpy as np
 from megacontext.chat_telemetry import ReplyLog
 from megacontext.session import MCSession
 from megacontext.tree import open_tree_store
-from nanochat.common import atomic_write_bytes
+from nanochat.common import atomic_write_bytes, get_base_dir
 from nanochat.engine import Engine
 from nanochat.web.generation import Reply, SamplingParams
 
@@ -163,7 +164,10 @@ class MCConversationStore:
         self.evicted = 0
 
     def _state_dir(self, conversation_id: str) -> str | None:
-        return os.path.join(self.cfg.tree_dir, conversation_id) if self.cfg.mc_tree == "disk" else None
+        if self.cfg.mc_tree != "disk":
+            return None
+        root = self.cfg.mc_tree_dir or os.path.join(get_base_dir(), "mc_conversations")  # apart from training trees
+        return os.path.join(root, conversation_id)
 
     def _open(self, conversation_id: str) -> MCConversation:
         state_dir = self._state_dir(conversation_id)

@@ -140,7 +140,8 @@ def measure_vanilla(args, model, device, history: int) -> dict:
     decode_s = times[-1] - times[0]  # from the first sampled token (after the prefill) to the last
     cfg = model.config
     cache_bytes = 2 * cfg.n_layer * cfg.n_kv_head * (history + args.decode_tokens + 1) * cfg.head_dim * 4
-    return {"tok_s": args.decode_tokens / decode_s, "cpu_tok_s": args.decode_tokens / (cpu[-1] - cpu[0]), "state_mb": cache_bytes / 2**20, "history": history}
+    return {"tok_s": args.decode_tokens / decode_s, "cpu_tok_s": args.decode_tokens / (cpu[-1] - cpu[0]),
+            "state_mb": cache_bytes / 2**20, "history": history}
 
 
 class _NoTools:
@@ -200,15 +201,16 @@ def report(args, results) -> None:
     device = resolve_device_type(args.device_type)
     print(f"\ndevice={device} depth={args.depth} seq_len={args.seq_len} K={args.block_size} "
           f"max_lod={args.mc_max_lod} tree={args.mc_tree} decode_tokens={args.decode_tokens} reps={args.reps}")
-    print(f"{'run':>8} {'history':>8} {'tok/s':>8} {'cpu tok/s':>9} {'peak MB':>9} {'state MB':>9} {'ingest s':>9} {'W':>5} "
-          f"{'refoc':>6} {'recomp':>7}")
+    print(f"{'run':>8} {'history':>8} {'tok/s':>8} {'cpu tok/s':>9} {'peak MB':>9} {'state MB':>9} {'ingest s':>9} "
+          f"{'W':>5} {'refoc':>6} {'recomp':>7}")
     med = {}
     for (kind, mult), rows in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         m = {k: statistics.median(r[k] for r in rows) for k in ("tok_s", "cpu_tok_s", "peak_mb", "state_mb")}
         med[(kind, mult)] = m
         extra = (f"{statistics.median(r['ingest_s'] for r in rows):9.2f} {rows[0]['wc_length']:5d} "
                  f"{rows[0]['refocuses']:6d} {rows[0]['recomputed_mean']:7.1f}") if kind == "mc" else ""
-        print(f"{kind:>8} {rows[0]['history']:8d} {m['tok_s']:8.1f} {m['cpu_tok_s']:9.1f} {m['peak_mb']:9.1f} {m['state_mb']:9.2f} {extra}")
+        print(f"{kind:>8} {rows[0]['history']:8d} {m['tok_s']:8.1f} {m['cpu_tok_s']:9.1f} {m['peak_mb']:9.1f} "
+              f"{m['state_mb']:9.2f} {extra}")
     lo, hi = min(args.histories), max(args.histories)
     if ("mc", lo) in med and ("mc", hi) in med:
         speed = med[("mc", hi)]["tok_s"] / med[("mc", lo)]["tok_s"]
