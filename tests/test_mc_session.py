@@ -160,3 +160,40 @@ def test_last_logits_only_equals_the_last_row_of_full_logits(model):
         torch.testing.assert_close(model(ids, last_logits_only=True), model(ids)[:, -1:])
     with pytest.raises(ValueError, match="last_logits_only"):
         model(ids, targets=ids, last_logits_only=True)
+
+
+class ScriptedSession:
+    """A duck-typed MC session whose model writes `script`, recording every token the Engine gives it."""
+
+    def __init__(self, vocab_size: int, script: list[int]):
+        self.vocab_size, self.script, self.own, self.history = vocab_size, script, 0, []
+
+    def _logits(self) -> torch.Tensor:
+        logits = torch.full((1, self.vocab_size), -1e9)
+        logits[0, self.script[min(self.own, len(self.script) - 1)]] = 0.0
+        return logits
+
+    def prefill(self, ids):
+        self.history += list(ids)
+        return self._logits()
+
+    def step(self, column):
+        if self.own < len(self.script) and column[0] == self.script[self.own]:
+            self.own += 1  # the model's own token (a forced tool output is not)
+        return self.prefill(column)
+
+    def append(self, ids):
+        self.history += list(ids)
+
+
+def test_mc_engine_runs_the_calculator_and_the_history_holds_its_output(tok, model):
+    sp = tok.encode_special
+    script = [*tok.encode("So "), sp("<|python_start|>"), *tok.encode("12 * 7"), sp("<|python_end|>"),
+              *tok.encode(" done"), sp("<|assistant_end|>")]
+    session = ScriptedSession(model.config.vocab_size, script)
+    prompt = [tok.get_bos_token_id(), *tok.encode("hi")]
+    tokens = [col[0] for col, _ in Engine(model, tok, mc=session).generate(prompt, max_tokens=40, temperature=0.0)]
+    forced = [sp("<|output_start|>"), *tok.encode("84"), sp("<|output_end|>")]
+    end = tokens.index(sp("<|python_end|>"))
+    assert tokens[end + 1:end + 1 + len(forced)] == forced
+    assert session.history == prompt + tokens[:-1]  # the reply, tool output included, joined the history
