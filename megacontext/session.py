@@ -94,6 +94,7 @@ class MCSession:
         self.forked = 1  # rows of the cache: > 1 while several samples decode from the shared history
         self.last_recompute = 0  # positions the last forward ran through the model
         if store.num_tokens:  # a reopened tree (disk): start from the most recent detail that fits
+            self._last_token = int(store.get_tokens(store.num_tokens - 1, store.num_tokens)[0])
             self.wc = recency_wc(store.num_tokens, self.cfg.block_size, self.cfg.mc_max_lod,
                                  self.cfg.soft_max_length(), self.cfg.recent_tokens)
 
@@ -121,6 +122,7 @@ class MCSession:
             return
         self.check_room(len(ids))
         self.last_logits = None  # they were for a shorter history
+        self._last_token = ids[-1]
         # a window's worth at a time: memory stays that of one window however long the prompt, and LensNet gets
         # a say on every window of it
         for i in range(0, len(ids), self.w_max):
@@ -190,7 +192,7 @@ class MCSession:
             start = W - 1
             self.cache.truncate(start)
         if start == W - 1 and self.wc.levels[-1] == 0:  # the common decode case: one raw token
-            ids = self.tree.store.get_tokens(self.num_tokens - 1, self.num_tokens).to(self.device)[None]
+            ids = torch.tensor([[self._last_token]], device=self.device)  # not read back from a (disk) tree
             logits = self.model(ids, positions=self._raw_position(W - 1), kv_cache=self.cache)
         else:
             embeds, rotary = wc_suffix_inputs(self.wc, start, self.tree, self.nets, self.model.embed,
