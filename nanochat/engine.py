@@ -16,6 +16,13 @@ Tool use: when a row writes <|python_start|> expr <|python_end|>, the text in be
 it, which is exactly how training rendered tool outputs. An expression the calculator refuses yields the output
 "error", so the model sees that its call failed.
 
+MegaContext: `Engine(model, tokenizer, mc=session)` decodes over a conversation of any length. The session (built
+by the scripts; this package never imports megacontext) owns the history and the KV cache; `tokens` are then the
+*new* tokens of this turn, appended to that history, and the reply's tokens join it as they are fed. The session
+must provide `prefill(ids) -> logits (1, V)`, `step(column) -> logits (rows, V)`, `append(ids)` (history only, no
+forward), `fork(rows, max_tokens) -> logits (rows, V)` and `unfork()` for several samples over the shared history.
+Greedy decoding gives the same tokens as without the session while the history fits the window.
+
 A row finishes at <|assistant_end|> or <|bos|>, or at a turn marker (<|user_start|>, <|user_end|>,
 <|assistant_start|>): a model that starts writing the next turn has ended its own. Finished rows keep a slot in every later column (the terminal
 token again, mask 0) so columns stay rectangular; generation stops when every row is finished or after
@@ -67,9 +74,10 @@ class RowState:
 
 
 class Engine:
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, mc=None):
         self.model = model
         self.tokenizer = tokenizer
+        self.mc = mc  # a MegaContext session, or None (see the module docstring)
         special = tokenizer.encode_special
         self.bos = tokenizer.get_bos_token_id()
         self.assistant_end = special("<|assistant_end|>")
@@ -97,6 +105,8 @@ class Engine:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         if top_k is not None and top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 or None: no top-k restriction), got {top_k}")
+        if max_tokens is None and self.mc is not None:
+            raise ValueError("with a MegaContext session the history has no fixed end: pass max_tokens")
         if max_tokens is None:
             max_tokens = self.model.config.sequence_len - len(tokens)
             if max_tokens < 1:
@@ -131,6 +141,9 @@ class Engine:
         max_tokens = self._check_args(tokens, num_samples, max_tokens, temperature, top_k)
         device = self.model.get_device()
         generator = torch.Generator(device=device).manual_seed(seed)
+        if self.mc is not None:
+            yield from self._generate_mc(tokens, num_samples, max_tokens, temperature, top_k, generator)
+            return
         cache = self._new_cache(len(tokens) + max_tokens)
         prompt = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T)
         logits = self.model(prompt, kv_cache=cache)[:, -1, :]  # (1, V): prefill once for all samples
@@ -145,6 +158,30 @@ class Engine:
                 return
             ids = torch.tensor(column, dtype=torch.long, device=device)[:, None]  # (N, 1)
             logits = self.model(ids, kv_cache=cache)[:, -1, :]  # (N, V)
+
+    def _generate_mc(self, tokens, num_samples, max_tokens, temperature, top_k, generator):
+        """`generate` over a MegaContext session: the same sampling and tool handling, the session's forwards."""
+        session = self.mc
+        logits = session.prefill(tokens)  # (1, V)
+        if num_samples > 1:
+            logits = session.fork(num_samples, max_tokens)  # (N, V): the samples share the history
+        rows = [RowState() for _ in range(num_samples)]
+        unfed = None  # the last yielded column until it is fed: a reply cut short still joins the history
+        try:
+            for step in range(max_tokens):
+                sampled = sample_next(logits, generator, temperature, top_k).tolist()
+                column, masks = zip(*(self._advance_row(row, s) for row, s in zip(rows, sampled)))
+                unfed = list(column)
+                yield list(column), list(masks)
+                if all(row.finished for row in rows) or step == max_tokens - 1:
+                    return
+                logits = session.step(unfed)
+                unfed = None
+        finally:
+            if num_samples > 1:
+                session.unfork()
+            elif unfed is not None and unfed[0] not in self.stop_tokens:
+                session.append(unfed)
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1,
                        **kwargs) -> tuple[list[list[int]], list[list[int]]]:

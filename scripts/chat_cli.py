@@ -4,6 +4,10 @@
     python -m scripts.chat_cli -p "Why is the sky blue?"   # one question, one answer, exit
     python -m scripts.chat_cli -i mid -g d12 -s 700 -t 1.0 -k 50 --max-tokens 256
 
+With --mc (a checkpoint trained with MegaContext nets, e.g. -g d12_mc) a conversation can grow past the model's
+window: its history lives in a gist tree and the model reads a focused working context (see megacontext/session.py);
+`--mc_tree disk` keeps it on disk. One event per reply goes to --mc_log and the telemetry provider.
+
 Interactive mode keeps the conversation: type `clear` to start a new one, `quit` / `exit` (or Ctrl-D) to leave.
 A one-shot prompt (-p) and its reply replace the run report's "Chat samples" section, so the report shows the
 latest sample (`python -m nanochat.report generate` puts it into report/report.md). An empty prompt is refused,
@@ -15,6 +19,7 @@ import os
 import sys
 import time
 
+from megacontext.chat_setup import add_mc_chat_args, build_store, load_mc_checkpoint
 from nanochat.common import add_flag, compute_init
 from nanochat.report import get_report
 
@@ -34,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--max-tokens", "-m", type=int, default=256, help="reply length limit")
     add_flag(parser, "--seed", type=int, default=42, help="sampling seed (turn n of a conversation uses seed+n)")
     add_flag(parser, "--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
+    add_mc_chat_args(parser)
     return parser
 
 
@@ -51,28 +57,43 @@ def check_args(args) -> None:
 class ChatSession:
     """A conversation with the model: `ask(text, out)` streams the reply to `out` and remembers both turns."""
 
-    def __init__(self, engine, args):
+    def __init__(self, engine, args, mc_store=None):
         self.engine = engine
         self.args = args
         self.messages: list[dict] = []
+        self.mc_store = mc_store  # MegaContext conversations (--mc), or None
+        self.conversation_id = f"cli-{os.getpid()}-{int(time.time())}"
 
     def clear(self) -> None:
         self.messages = []
+        if self.mc_store is not None:
+            self.mc_store.reset(self.conversation_id)
+            self.conversation_id += "-new"
 
     def ask(self, text: str, out) -> dict:
         """Stream the reply to `out`; returns the reply text and counts (for the report)."""
         from nanochat.web.generation import Reply, SamplingParams, prompt_ids
 
         self.messages.append({"role": "user", "content": text})
-        prompt = prompt_ids(self.engine.tokenizer, self.messages)
-        room = self.engine.model.config.sequence_len - len(prompt)
-        if room < 1:
-            self.messages.pop()
-            raise ValueError(f"the conversation is {len(prompt)} tokens, the model's whole context; type `clear`")
         turn = len(self.messages) // 2
-        params = SamplingParams(max_tokens=min(self.args.max_tokens, room), temperature=self.args.temperature,
-                                top_k=self.args.top_k or None, seed=self.args.seed + turn)
-        reply = Reply(self.engine, prompt, params)
+        if self.mc_store is not None:  # the history is the conversation's tree: no window limit
+            params = SamplingParams(max_tokens=self.args.max_tokens, temperature=self.args.temperature,
+                                    top_k=self.args.top_k or None, seed=self.args.seed + turn)
+            try:
+                reply, _, _ = self.mc_store.start_reply(self.messages, params, self.conversation_id)
+            except ValueError:
+                self.messages.pop()
+                raise
+        else:
+            prompt = prompt_ids(self.engine.tokenizer, self.messages)
+            room = self.engine.model.config.sequence_len - len(prompt)
+            if room < 1:
+                self.messages.pop()
+                raise ValueError(f"the conversation is {len(prompt)} tokens, the model's whole context; type "
+                                 "`clear`")
+            params = SamplingParams(max_tokens=min(self.args.max_tokens, room), temperature=self.args.temperature,
+                                    top_k=self.args.top_k or None, seed=self.args.seed + turn)
+            reply = Reply(self.engine, prompt, params)
         started, pieces = time.perf_counter(), []
         for piece in reply:
             pieces.append(piece)
@@ -106,15 +127,20 @@ def log_sample(model_name: str, args, prompt: str, result: dict) -> str | None:
 
 
 def load(args):
-    """(engine, model name) for the requested checkpoint; FileNotFoundError names the command that trains one."""
+    """(engine, model name, MC store or None) for the requested checkpoint; FileNotFoundError names the command
+    that trains one."""
     from nanochat.checkpoint_manager import load_model, resolve_checkpoint
     from nanochat.engine import Engine
 
     device = compute_init(args.device_type, seed=args.seed).device
     checkpoint_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
     tag = os.path.basename(checkpoint_dir.rstrip("/"))
+    if args.mc:
+        model, tokenizer, _, nets, _, _ = load_mc_checkpoint(args.source, device, tag, step)
+        store = build_store(model, tokenizer, nets, args)
+        return Engine(model, tokenizer), f"{args.source}/{tag}@step{step:06d} +MC", store
     model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=tag, step=step)
-    return Engine(model, tokenizer), f"{args.source}/{tag}@step{step:06d}"
+    return Engine(model, tokenizer), f"{args.source}/{tag}@step{step:06d}", None
 
 
 def interactive(session: ChatSession, model_name: str, stdin, out) -> None:
@@ -144,10 +170,11 @@ def interactive(session: ChatSession, model_name: str, stdin, out) -> None:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     out = sys.stdout
+    mc_store = None
     try:
         check_args(args)
-        engine, model_name = load(args)
-        session = ChatSession(engine, args)
+        engine, model_name, mc_store = load(args)
+        session = ChatSession(engine, args, mc_store)
         if args.prompt is None:
             interactive(session, model_name, sys.stdin, out)
             return
@@ -159,6 +186,9 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         out.write("\n")
         raise SystemExit(130) from None
+    finally:
+        if mc_store is not None:
+            mc_store.close()  # flushes disk conversations, ends the W&B run
     log_sample(model_name, args, args.prompt, result)
 
 

@@ -10,12 +10,17 @@ the cores); requests wait up to `--queue-timeout` seconds for a free worker, the
 Endpoints, JSON formats and input limits: see nanochat/web/app.py and nanochat/web/limits.py.
 
     curl -N localhost:8000/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+
+With --mc (a checkpoint with MegaContext nets, e.g. -g d12_mc) conversations grow past the model's window; each is
+named by the X-Conversation-Id header, kept open up to --mc-max-conversations (least recently used closed first),
+and with `--mc_tree disk` lives on disk across restarts. The page shows the focus (GET /mc/focus).
 """
 
 import argparse
 import logging
 import sys
 
+from megacontext.chat_setup import add_mc_chat_args, build_store, load_mc_checkpoint
 from nanochat.common import add_flag
 from nanochat.web.limits import (
     MAX_BODY_BYTES,
@@ -54,7 +59,29 @@ def build_parser() -> argparse.ArgumentParser:
              "beyond)")
     add_flag(parser, "--log-level", default="info", choices=["debug", "info", "warning", "error"],
              help="server log verbosity")
+    add_mc_chat_args(parser)
     return parser
+
+
+def load_mc_pool(args):
+    """(pool, model name, conversation store) for --mc: one worker, whose model every conversation shares."""
+    import torch
+
+    from nanochat.common import resolve_device_type
+    from nanochat.engine import Engine
+    from nanochat.web.pool import WorkerPool
+
+    if args.num_gpus != 1:
+        raise ValueError("--mc serves from one worker (conversations keep their KV caches on its device); "
+                         "drop --num-gpus")
+    device = torch.device(resolve_device_type(args.device_type))
+    model, tokenizer, _, nets, checkpoint_dir, step = load_mc_checkpoint(args.source, device, args.model_tag,
+                                                                         args.step)
+    store = build_store(model, tokenizer, nets, args)
+    pool = WorkerPool([Engine(model, tokenizer)], [str(device)], queue_timeout=args.queue_timeout,
+                      max_waiting=args.max_queue)
+    tag = checkpoint_dir.rstrip("/").split("/")[-1]
+    return pool, f"{args.source}/{tag}@step{step:06d} +MC", store
 
 
 def main(argv=None) -> None:
@@ -67,8 +94,12 @@ def main(argv=None) -> None:
         # imported here so --help stays fast (torch, the model and FastAPI load only when serving)
         from nanochat.web.pool import load_pool
 
-        pool, model_name = load_pool(args.source, args.device_type, args.num_gpus, args.model_tag, args.step,
-                                     queue_timeout=args.queue_timeout, max_waiting=args.max_queue)
+        mc_store = None
+        if args.mc:
+            pool, model_name, mc_store = load_mc_pool(args)
+        else:
+            pool, model_name = load_pool(args.source, args.device_type, args.num_gpus, args.model_tag, args.step,
+                                         queue_timeout=args.queue_timeout, max_waiting=args.max_queue)
     except (FileNotFoundError, ValueError) as e:
         print(f"chat_web: {e}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -77,7 +108,7 @@ def main(argv=None) -> None:
 
     from nanochat.web.app import create_app
 
-    app = create_app(pool, defaults, limits, model_name)
+    app = create_app(pool, defaults, limits, model_name, mc=mc_store)
     print(f"serving {model_name} on {len(pool.workers)} worker(s) [{', '.join(w.device for w in pool.workers)}] "
           f"at http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -9,6 +9,12 @@ Endpoints:
     GET  /v1/models             OpenAI-compatible list with the one model served (clients ask for it first)
     GET  /health                {"status": "ok", "ready": ..., "workers": ..., "available": ...}
     GET  /stats                 workers, busy, waiting, requests served / cancelled / failed / rejected, tokens
+    GET  /mc/focus              MegaContext only (`create_app(..., mc=store)`): ?conversation_id=ID -> the focus map
+                                (which spans of the history are raw tokens, which are gists, at which level)
+
+MegaContext mode: a conversation is named by the `X-Conversation-Id` header (or `?conversation_id=`; made up and
+returned in that header when absent). Its history has no window limit; the store (injected by scripts.chat_web,
+duck-typed: `start_reply`, `focus`, `stats`, `close`) keeps it between requests.
 
 Errors are JSON {"error": {"message": ..., "type": ..., "param": ..., "code": status}}: 400 for invalid input
 (see nanochat.web.limits), 404 for an unknown path, 405 for a wrong method, 413 for an oversized body, 503 when
@@ -19,6 +25,7 @@ client is still connected, and a client that leaves cancels its reply, which fre
 """
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -74,8 +81,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 class ChatService:
     """What the endpoints share: validation, prompt building, running a job, reading its pieces."""
 
-    def __init__(self, pool: WorkerPool, defaults: SamplingDefaults, limits: Limits, model_name: str):
+    def __init__(self, pool: WorkerPool, defaults: SamplingDefaults, limits: Limits, model_name: str, mc=None):
         self.pool = pool
+        self.mc = mc
         self.defaults = defaults
         self.limits = limits
         self.model_name = model_name
@@ -95,10 +103,30 @@ class ChatService:
                                 top_k=chat.top_k, seed=chat.seed)
         return prompt, params
 
-    async def start(self, chat: ChatRequest) -> tuple[Job, list[int]]:
+    async def start(self, chat: ChatRequest, request: Request) -> tuple[Job, int, dict]:
+        """(job, prompt tokens, response headers)."""
+        if self.mc is not None:
+            return await self.start_mc(chat, request)
         prompt, params = self.plan(chat)
         worker = await self.pool.acquire()
-        return self.pool.start(worker, prompt, params), prompt  # no await in between: the worker cannot leak
+        return self.pool.start(worker, prompt, params), len(prompt), {}  # no await in between: no leaked worker
+
+    async def start_mc(self, chat: ChatRequest, request: Request) -> tuple[Job, int, dict]:
+        conversation_id = request.headers.get("x-conversation-id") or request.query_params.get("conversation_id")
+        params = SamplingParams(max_tokens=chat.max_tokens, temperature=chat.temperature, top_k=chat.top_k,
+                                seed=chat.seed)
+        try:
+            reply, conversation_id, prompt_tokens = self.mc.start_reply(chat.messages, params, conversation_id,
+                                                                        cancel=threading.Event())
+        except ValueError as e:  # the store's errors carry their HTTP status (409 conflict, 503 busy, ...)
+            raise RequestError(getattr(e, "status", 400), str(e), "messages") from None
+        try:
+            worker = await self.pool.acquire()
+        except BaseException:
+            reply.abandon()
+            raise
+        return self.pool.start(worker, None, params, reply=reply), prompt_tokens, {"X-Conversation-Id":
+                                                                                  conversation_id}
 
     @staticmethod
     async def pieces(request: Request, job: Job) -> AsyncIterator[str]:
@@ -155,15 +183,18 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def create_app(pool: WorkerPool, defaults: SamplingDefaults | None = None, limits: Limits | None = None,
-               model_name: str = "nanochat") -> FastAPI:
-    """The FastAPI app serving `pool`. `defaults` fill in sampling fields a request leaves out."""
-    service = ChatService(pool, defaults or SamplingDefaults(), limits or Limits(), model_name)
+               model_name: str = "nanochat", mc=None) -> FastAPI:
+    """The FastAPI app serving `pool`. `defaults` fill in sampling fields a request leaves out; `mc` is a
+    MegaContext conversation store (see the module docstring) or None."""
+    service = ChatService(pool, defaults or SamplingDefaults(), limits or Limits(), model_name, mc)
     page = UI_PATH.read_text(encoding="utf-8")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         pool.close()  # cancel replies still running so shutdown does not wait for them
+        if mc is not None:
+            mc.close()
 
     app = FastAPI(title="nanochat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
@@ -207,35 +238,46 @@ def create_app(pool: WorkerPool, defaults: SamplingDefaults | None = None, limit
 
     @app.get("/stats")
     async def stats():
-        return {"model": model_name, **pool.stats()}
+        return {"model": model_name, **pool.stats(), **({"mc": mc.stats()} if mc is not None else {})}
+
+    if mc is not None:
+        @app.get("/mc/focus")
+        async def mc_focus(conversation_id: str = ""):
+            try:
+                focus = mc.focus(conversation_id)
+            except ValueError as e:
+                raise RequestError(getattr(e, "status", 400), str(e), "conversation_id") from None
+            if focus is None:
+                raise RequestError(404, f"no conversation {conversation_id!r}", "conversation_id")
+            return focus
 
     @app.post("/chat/completions")
     async def chat_completions(request: Request):
         chat = await service.parse(request, openai=False)
-        job, _ = await service.start(chat)
+        job, _, headers = await service.start(chat, request)
         return StreamingResponse(native_stream(request, job, chat.seed), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+                                 headers={**SSE_HEADERS, **headers})
 
     @app.post("/v1/chat/completions")
     async def openai_chat_completions(request: Request):
         chat = await service.parse(request, openai=True)
-        job, prompt = await service.start(chat)
+        job, prompt_tokens, headers = await service.start(chat, request)
         if chat.stream:
-            return StreamingResponse(openai_stream(request, job, len(prompt), model_name),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(openai_stream(request, job, prompt_tokens, model_name),
+                                     media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         text = "".join([piece async for piece in ChatService.pieces(request, job)])
         if not job.done:  # the client left; 499 (nginx's "client closed request") only shows in the access log
             return Response(status_code=499)
         if job.error is not None:
             return JSONResponse(error_body(500, job.error, "server_error"), 500)
         reply = job.reply
-        return {
+        return JSONResponse({
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": reply.finish_reason}],
-            "usage": usage(len(prompt), reply.num_tokens),
+            "usage": usage(prompt_tokens, reply.num_tokens),
             "seed": chat.seed,
-        }
+        }, headers=headers)
 
     return app

@@ -156,10 +156,12 @@ class WorkerPool:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    def start(self, worker: Worker, prompt: list[int], params: SamplingParams) -> Job:
-        """Run one reply on `worker`'s thread (the worker must come from `acquire`; it is released when done)."""
+    def start(self, worker: Worker, prompt: list[int] | None, params: SamplingParams, reply: Reply | None = None) -> Job:
+        """Run one reply on `worker`'s thread (the worker must come from `acquire`; it is released when done).
+        `reply`: a ready-made Reply (with a cancel event) instead of one built from `prompt`, e.g. MegaContext's."""
         assert worker.busy, "start() takes a worker from acquire()"
-        job = Job(asyncio.get_running_loop(), Reply(worker.engine, prompt, params, cancel=threading.Event()))
+        reply = reply or Reply(worker.engine, prompt, params, cancel=threading.Event())
+        job = Job(asyncio.get_running_loop(), reply)
         self._running[worker.index] = job
         worker.executor.submit(self._run, worker, job)
         return job
