@@ -65,6 +65,9 @@ class VanillaObjective:
     def step_metrics(self) -> dict:
         return {}
 
+    def evaluate(self, batches, step: int) -> dict:
+        return {}
+
     def checkpoint_parts(self) -> tuple[dict, dict]:
         return {}, {}
 
@@ -126,7 +129,7 @@ class MCController:
         scratch = StepMetrics(self.cfg.mc_max_lod)
         self.metrics, kept = scratch, self.metrics
         try:
-            for x, y in batches:
+            for x, y, *_ in batches:
                 self.variant_losses(x, y, step, train=False)
             return {k.replace("mc/", "mc_val/"): v for k, v in scratch.collect().items()}
         finally:
