@@ -19,6 +19,7 @@ import torch
 
 from nanochat.common import add_flag, compute_dtype, get_base_dir, str2bool
 
+# Every choice an MC flag accepts, declared once here; gistnet.py and positions.py validate against these too.
 GISTNET_TYPES = ("transformer", "mean")
 POOLINGS = ("mean", "query", "cls")
 HEADS = ("mlp", "linear")

@@ -1,7 +1,7 @@
 """GistNet: compress K vectors of the base model's embedding space into one vector of the same space.
 
 `GistNet(cfg)(children: Float[N, K, D], level) -> Float[N, D]`. Level-1 gists compress K token embeddings, level-2
-gists compress K level-1 gists, and so on (DESIGN §4.3); a learned level embedding tells the one shared net
+gists compress K level-1 gists, and so on; a learned level embedding tells the one shared net
 which level it is building, so a single set of weights serves the whole tree.
 
 Architecture (width D = the base model's n_embd, so no projection in or out is needed):
@@ -12,8 +12,8 @@ Architecture (width D = the base model's n_embd, so no projection in or out is n
     -> rms_norm, then rescaled to the RMS of the children                        (N, D)
 
 A fresh net is close to "mean of the children": residual branches start at zero, the linear head starts at the
-identity, and the mlp head is residual. That is a sensible, already-useful gist (mean pooling is one of the
-DESIGN §5 baselines), and the LM loss trains it from there.
+identity, and the mlp head is residual. That is a sensible, already-useful gist (mean pooling is also the
+parameter-free `--gistnet_type mean` baseline), and the LM loss trains it from there.
 """
 
 from dataclasses import dataclass
@@ -22,9 +22,7 @@ import torch
 import torch.nn as nn
 
 from megacontext.blocks import MLP, Attention, EncoderBlock, count_params, rms_norm
-
-POOLINGS = ("mean", "query", "cls")
-HEADS = ("mlp", "linear")
+from megacontext.config import HEADS, POOLINGS
 
 
 @dataclass
@@ -54,7 +52,7 @@ class GistNetConfig:
 
 
 def mean_gists(children: torch.Tensor) -> torch.Tensor:
-    """The parameter-free baseline (`--gistnet_type mean`, DESIGN §5 "MC with mean-pooled gists"): the mean of the
+    """The parameter-free baseline (`--gistnet_type mean`, the MegaContext run a learned GistNet must beat): the mean of the
     children, rescaled to their RMS like GistNet's output. Float[N, K, D] -> Float[N, D]."""
     target_rms = children.float().square().mean(dim=(1, 2)).sqrt()  # (N,)
     return (rms_norm(children.float().mean(dim=1)) * target_rms[:, None]).to(children.dtype)

@@ -1,5 +1,5 @@
 """LensNet: score every working-context entry (> 0: worth expanding, < 0: worth collapsing), and the math that
-trains it from measured counterfactuals (DESIGN §4.4).
+trains it from measured counterfactuals.
 
 Network, `LensNet(cfg)(embeds, levels, indices, mask) -> Float[B, W]`:
     entry embeddings (D, the base model's space) -> RMSNorm -> Linear down to d_lens
@@ -31,8 +31,8 @@ The KL is >= 0 and is 0 exactly when every predicted difference equals the measu
 outlier-robust regression on Δloss that reads as a preference model. τ is the scale (in nats of mean target loss)
 within which magnitudes are fitted: differences beyond a few τ only count by their sign. `targets="hard"` uses the classic BT label
 1[ℓ_v < ℓ_w] instead (the τ → 0 limit of the target; the loss then stays > 0). `preference_correlation` is the
-Pearson correlation of predicted and measured Δloss over the same pairs: +1 is perfect. (The ops seed phrases
-`mc/preference_corr_mean` with the opposite sign, as scores against ΔNLL; ours compares like with like.)
+Pearson correlation of predicted and measured Δloss over the same pairs: +1 is perfect. (Correlating scores with
+ΔNLL instead would flip the sign; `mc/preference_corr_mean` compares like with like, so higher is better.)
 
 Shapes: B rows, W entries (padded), D base width, d = d_lens, Q tail queries, N variants, M table nodes, P pairs.
 """

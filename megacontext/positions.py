@@ -1,4 +1,4 @@
-"""Rotary positions for working-context entries, and the level embedding that marks gists (DESIGN §4.2).
+"""Rotary positions for working-context entries, and the level embedding that marks gists.
 
 A working context (WC) is a row of nodes `(level, index)`; node (L, i) covers tokens [i·K^L, (i+1)·K^L). The base
 model needs one rotary position per entry. Three schemes, behind one flag, to be measured against each other:
@@ -31,9 +31,8 @@ Shapes: B rows, W entries, D model width, Dh head dim.
 import torch
 import torch.nn as nn
 
+from megacontext.config import POSITIONAL_SCHEMES
 from nanochat.gpt import ROPE_BASE, rotary_cos_sin
-
-SCHEMES = ("wc", "global", "gaussian")
 
 
 def span_lengths(levels: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -114,8 +113,8 @@ class LevelEmbedding(nn.Module):
 
 
 def _check_scheme(scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise ValueError(f"position scheme must be one of {SCHEMES}, got {scheme!r}")
+    if scheme not in POSITIONAL_SCHEMES:
+        raise ValueError(f"position scheme must be one of {POSITIONAL_SCHEMES}, got {scheme!r}")
 
 
 def _check_nodes(levels: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None) -> None:

@@ -8,7 +8,7 @@
     tel.emit("mc_timing", {**timings, "step": step})
     tel.flush(); tel.close()
 
-Providers (DESIGN §4.8):
+Providers:
 - `NoOpTelemetry`: drops events; spans still time (so callers can log timings elsewhere, e.g. W&B).
 - `JsonlTelemetry(path)`: one JSON object per line, `{"ts": unix_seconds, "event": name, "fields": {...}}`. Each line
   is a single `write()` on an O_APPEND descriptor, so concurrent writers (ranks, processes) never interleave
@@ -50,7 +50,7 @@ from urllib.parse import urlparse
 __all__ = ["EVENTS", "JsonlTelemetry", "NoOpTelemetry", "OpenTelemetryProvider", "OtelSettings", "TelemetryProvider",
            "load_jsonl_events", "resolve_otel_settings", "telemetry_from_env"]
 
-# The events of DESIGN §4.8: name -> (required fields, optional fields), each field -> meaning. `emit` checks the
+# The MegaContext telemetry events: name -> (required fields, optional fields), each field -> meaning. `emit` checks the
 # required ones are present; any extra field is allowed and passed through.
 EVENTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "mc_tree_snapshot": (

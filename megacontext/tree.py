@@ -4,8 +4,9 @@ A node is `(level, index)` and covers tokens `[index * K**level, (index + 1) * K
 by construction. Level 0 holds token ids; level l >= 1 holds one vector [D] per complete block of K level-(l-1)
 nodes, in the base model's embedding space. A gist exists exactly when its block is complete.
 
-Storage sits behind one small interface (`TreeStore`) with two backends: `RamTreeStore` here and the
-append-only, memory-mapped `DiskTreeStore` in `tree_disk.py` (`--mc_tree ram|disk`, see `open_tree_store`).
+Storage sits behind one small interface (`TreeStore`, in `tree_store.py`) with two backends: `RamTreeStore`
+(`tree_store.py`) and the append-only, memory-mapped `DiskTreeStore` (`tree_disk.py`); `--mc_tree ram|disk`
+picks one through `open_tree_store`.
 
 Gists come from two builders that give the same result:
 - `build_gist_levels` (training): the whole batch of sequences at once, one `gist_fn` call per level, keeping
@@ -19,11 +20,13 @@ Plug-in functions:
   (1 for gists of raw tokens); GistNet is plugged in here.
 """
 
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import numpy as np
 import torch
+
+from megacontext.tree_disk import DiskTreeStore
+from megacontext.tree_store import RamTreeStore, TreeStore
 
 GistFn = Callable[[int, torch.Tensor], torch.Tensor]
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]
@@ -33,171 +36,6 @@ def node_span(level, index, block_size: int):
     """[start, end) token span of node(s) (level, index); works on ints and on int64 numpy arrays."""
     size = block_size**level if isinstance(level, int) else np.power(block_size, level, dtype=np.int64)
     return index * size, (index + 1) * size
-
-
-def _as_index_array(indices) -> np.ndarray:
-    if isinstance(indices, torch.Tensor):
-        indices = indices.detach().cpu().numpy()
-    arr = np.asarray(indices, dtype=np.int64)
-    if arr.ndim != 1:
-        raise ValueError(f"indices must be 1-D, got shape {arr.shape}")
-    return arr
-
-
-class TreeStore(ABC):
-    """Where the nodes live. Subclasses keep `block_size`, `dim` and `max_level` as attributes."""
-
-    block_size: int
-    dim: int
-    max_level: int
-
-    @property
-    @abstractmethod
-    def num_tokens(self) -> int: ...
-
-    @abstractmethod
-    def num_nodes(self, level: int) -> int:
-        """Level 0: tokens; level l >= 1: gists built so far at that level."""
-
-    @abstractmethod
-    def append_tokens(self, ids) -> None: ...
-
-    @abstractmethod
-    def get_tokens(self, start: int, end: int) -> torch.Tensor:
-        """Long[end - start] token ids of the span [start, end)."""
-
-    @abstractmethod
-    def gather_tokens(self, indices) -> torch.Tensor:
-        """Long[n] token ids at arbitrary positions."""
-
-    @abstractmethod
-    def append_gists(self, level: int, vecs: torch.Tensor) -> None: ...
-
-    @abstractmethod
-    def get_gists(self, level: int, indices) -> torch.Tensor:
-        """Float[n, D] gists of level >= 1 at the given node indices."""
-
-    @abstractmethod
-    def flush(self) -> None:
-        """Make everything appended so far durable."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Release files."""
-
-    # shared argument checks -------------------------------------------------
-    def _check_gist_level(self, level: int) -> None:
-        if not 1 <= level <= self.max_level:
-            raise ValueError(f"gist level must be in [1, {self.max_level}] (got {level})")
-
-    def _check_level(self, level: int) -> None:
-        if not 0 <= level <= self.max_level:
-            raise ValueError(f"level must be in [0, {self.max_level}] (got {level})")
-
-    def _check_gist_append(self, level: int, vecs: torch.Tensor) -> None:
-        self._check_gist_level(level)
-        if vecs.ndim != 2 or vecs.shape[1] != self.dim:
-            raise ValueError(f"gists must be [n, {self.dim}], got {tuple(vecs.shape)}")
-        complete_blocks = self.num_nodes(level - 1) // self.block_size
-        if self.num_nodes(level) + vecs.shape[0] > complete_blocks:
-            raise ValueError(
-                f"appending {vecs.shape[0]} level-{level} gists would exceed the {complete_blocks} complete blocks "
-                f"of level {level - 1}; append the children first"
-            )
-
-    def _check_range(self, level: int, idx: np.ndarray) -> None:
-        n = self.num_nodes(level)
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise IndexError(f"level-{level} index out of range [0, {n}): min {idx.min()}, max {idx.max()}")
-
-
-class _Rows:
-    """A growable [n, ...] tensor with capacity doubling: amortized O(1) appends, autograd-safe copies."""
-
-    def __init__(self, data: torch.Tensor | None = None):
-        self.buf = data
-        self.n = 0 if data is None else data.shape[0]
-
-    def append(self, rows: torch.Tensor) -> None:
-        if rows.shape[0] == 0:
-            return
-        if self.buf is None:
-            self.buf, self.n = rows, rows.shape[0]  # adopt: batch-built trees keep their graph and no copy
-            return
-        need = self.n + rows.shape[0]
-        if need > self.buf.shape[0]:
-            grown = self.buf.new_empty((max(need, 2 * self.buf.shape[0]), *self.buf.shape[1:]))
-            grown[: self.n] = self.buf[: self.n]
-            self.buf = grown
-        self.buf[self.n : need] = rows.to(self.buf.dtype)
-        self.n = need
-
-    def view(self) -> torch.Tensor:
-        return self.buf[: self.n]
-
-
-class RamTreeStore(TreeStore):
-    """All nodes in (CPU or GPU) memory. Gists keep whatever autograd history they were appended with."""
-
-    def __init__(self, block_size: int, dim: int, max_level: int, device="cpu", dtype=torch.float32):
-        self.block_size, self.dim, self.max_level = block_size, dim, max_level
-        self.device, self.dtype = torch.device(device), dtype
-        self._tokens = _Rows(torch.empty(0, dtype=torch.long, device=self.device))
-        self._gists = [_Rows() for _ in range(max_level + 1)]  # slot 0 unused
-
-    @classmethod
-    def from_levels(cls, tokens: torch.Tensor, gists: list[torch.Tensor], block_size: int, max_level: int):
-        """Adopt tensors built in batch (no copy, autograd intact). gists[l - 1] is level l: Float[n_l, D]."""
-        if len(gists) != max_level:
-            raise ValueError(f"need one gist tensor per level 1..{max_level}, got {len(gists)}")
-        dim = gists[0].shape[-1]
-        store = cls(block_size, dim, max_level, device=tokens.device, dtype=gists[0].dtype)
-        store._tokens = _Rows(tokens.long())
-        for level, vecs in enumerate(gists, start=1):
-            store._check_gist_append(level, vecs)
-            store._gists[level] = _Rows(vecs)
-        return store
-
-    @property
-    def num_tokens(self) -> int:
-        return self._tokens.n
-
-    def num_nodes(self, level: int) -> int:
-        self._check_level(level)
-        return self._tokens.n if level == 0 else self._gists[level].n
-
-    def append_tokens(self, ids) -> None:
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.device)
-        self._tokens.append(ids)
-
-    def get_tokens(self, start: int, end: int) -> torch.Tensor:
-        if not 0 <= start <= end <= self.num_tokens:
-            raise IndexError(f"token span [{start}, {end}) outside [0, {self.num_tokens})")
-        return self._tokens.view()[start:end]
-
-    def gather_tokens(self, indices) -> torch.Tensor:
-        idx = _as_index_array(indices)
-        self._check_range(0, idx)
-        return self._tokens.view()[torch.from_numpy(idx).to(self.device)]
-
-    def append_gists(self, level: int, vecs: torch.Tensor) -> None:
-        self._check_gist_append(level, vecs)
-        self._gists[level].append(vecs.to(self.device, self.dtype))
-
-    def flush(self) -> None:
-        """Nothing to do: RAM trees do not outlive the process."""
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-    def get_gists(self, level: int, indices) -> torch.Tensor:
-        self._check_gist_level(level)
-        idx = _as_index_array(indices)
-        self._check_range(level, idx)
-        if self._gists[level].buf is None:
-            return torch.empty(0, self.dim, dtype=self.dtype, device=self.device)
-        # index_select makes a new tensor, so later in-place appends never touch what the caller holds
-        return self._gists[level].view().index_select(0, torch.from_numpy(idx).to(self.device))
 
 
 def build_gist_levels(embeds: torch.Tensor, gist_fn: GistFn, block_size: int, max_level: int) -> list[torch.Tensor]:
@@ -227,12 +65,22 @@ def _call_gist_fn(gist_fn: GistFn, level: int, blocks: torch.Tensor) -> torch.Te
     return out
 
 
+CATCH_UP_BLOCKS = 1024  # blocks gisted per gist_fn call when catching up, so memory stays bounded
+
+
 class MegaContextTree:
-    """A store plus the functions that fill it. Incremental appends run under no_grad (inference)."""
+    """A store plus the functions that fill it. Incremental appends run under no_grad (inference).
+
+    A store may lack gists whose blocks are complete (a disk tree whose process died between storing tokens and
+    their gists). Such a tree is caught up, from the stored children, before anything is appended to it (and at
+    construction when embed_fn and gist_fn are given): a new gist must land at the index of its block.
+    """
 
     def __init__(self, store: TreeStore, embed_fn: EmbedFn | None = None, gist_fn: GistFn | None = None, device=None):
         self.store, self.embed_fn, self.gist_fn = store, embed_fn, gist_fn
         self.device = torch.device(device) if device is not None else None  # where embed_fn / gist_fn run
+        if embed_fn is not None and gist_fn is not None:
+            self.catch_up()
 
     @property
     def block_size(self) -> int:
@@ -261,6 +109,37 @@ class MegaContextTree:
             ids = ids.to(self.device)
         return self.embed_fn(ids.reshape(1, -1))[0]
 
+    def missing_gists(self) -> dict[int, int]:
+        """{level: gists the store lacks although their blocks are complete}, levels with none left out."""
+        missing = {}
+        for level in range(1, self.max_level + 1):
+            n = self.store.num_nodes(level - 1) // self.block_size - self.store.num_nodes(level)
+            if n > 0:
+                missing[level] = n
+        return missing
+
+    @torch.no_grad()
+    def catch_up(self) -> dict[int, int]:
+        """Build every missing gist from the stored children, lowest level first. Returns {level: gists built}."""
+        missing = self.missing_gists()
+        if missing and (self.gist_fn is None or self.embed_fn is None):
+            raise ValueError(f"the tree lacks gists {missing} (level: count) of complete blocks; open it with an "
+                             "embed_fn and a gist_fn to build them")
+        K, built = self.block_size, {}
+        for level in range(1, self.max_level + 1):
+            first, end = self.store.num_nodes(level), self.store.num_nodes(level - 1) // K
+            for start in range(first, end, CATCH_UP_BLOCKS):
+                stop = min(end, start + CATCH_UP_BLOCKS)
+                if level == 1:
+                    children = self.embed_tokens(self.store.get_tokens(start * K, stop * K))
+                else:
+                    children = self.store.get_gists(level - 1, np.arange(start * K, stop * K, dtype=np.int64))
+                    children = children.to(self.device) if self.device is not None else children
+                gists = _call_gist_fn(self.gist_fn, level, children.reshape(stop - start, K, -1))
+                self.store.append_gists(level, gists)
+                built[level] = built.get(level, 0) + stop - start
+        return built
+
     @torch.no_grad()
     def append_tokens(self, ids) -> dict[int, int]:
         """Append token ids; gist every block this completes, at every level. Returns {level: new gists}.
@@ -270,6 +149,8 @@ class MegaContextTree:
         as it was.
         """
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        if self.missing_gists():
+            self.catch_up()
         K, n0 = self.block_size, self.num_tokens
         open_len = n0 % K
         new: dict[int, torch.Tensor] = {}
@@ -327,7 +208,5 @@ def open_tree_store(
     if backend == "disk":
         if not path:
             raise ValueError("--mc_tree disk needs a directory (--mc_tree_dir)")
-        from megacontext.tree_disk import DiskTreeStore
-
         return DiskTreeStore(path, block_size, dim, max_level, dtype=dtype)
     raise ValueError(f"--mc_tree must be ram or disk (got {backend!r})")

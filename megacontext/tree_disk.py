@@ -9,8 +9,14 @@ Crash safety: appends go straight to the files (no user-space buffering) and rea
 the same page cache, so reads see every append. `flush()` fsyncs every level file and only then atomically
 replaces metadata.json with the new counts: the counts in metadata.json are what has been acknowledged. On
 reopen, anything beyond those counts (a torn partial record, or whole records written after the last flush) is
-truncated away, so the tree comes back exactly as it was at the last flush and its levels stay consistent
-with each other. A file shorter than its acknowledged count means acknowledged data was lost and is an error.
+truncated away, so the tree comes back exactly as it was at the last flush. A file shorter than its
+acknowledged count means acknowledged data was lost and is an error; so are counts where a level has more gists
+than its children have complete blocks. Fewer gists than complete blocks (tokens flushed before their gists)
+is a valid state that MegaContextTree catches up on.
+
+A write that fails part-way (disk full) is cut back off the file at once, and every append writes at the offset
+its node count implies, so a failed append never shifts the nodes after it. Temp files of a metadata.json write
+that died mid-way are deleted on open.
 """
 
 import json
@@ -20,8 +26,8 @@ import struct
 import numpy as np
 import torch
 
-from megacontext.tree import TreeStore, _as_index_array
-from nanochat.common import atomic_write_bytes
+from megacontext.tree_store import TreeStore, as_index_array
+from nanochat.common import atomic_write_bytes, stale_atomic_temps
 
 MAGIC = b"MCTREE\x00\x01"
 FORMAT_VERSION = 1
@@ -46,8 +52,11 @@ class DiskTreeStore(TreeStore):
         self.path, self.block_size, self.dim, self.max_level, self.dtype = path, block_size, dim, max_level, dtype
         self._gist_code = _CODE_OF[dtype]
         os.makedirs(path, exist_ok=True)
+        for stale in stale_atomic_temps(self._meta_path()):  # a metadata write that died before its rename
+            os.remove(stale)
         meta = self._read_metadata()
         self._counts = list(meta["counts"]) if meta else [0] * (max_level + 1)
+        self._check_counts()
         self.recovered_bytes = 0  # bytes cut off the tails on open (unacknowledged or torn writes)
         self._fds: list[int] = []
         self._maps: list[np.memmap | None] = [None] * (max_level + 1)
@@ -88,7 +97,7 @@ class DiskTreeStore(TreeStore):
         else:
             self._check_header(level, path)
             self._truncate_to_count(level, path)
-        return os.open(path, os.O_WRONLY | os.O_APPEND)
+        return os.open(path, os.O_WRONLY)  # appends write at the offset their count implies (see _append_rows)
 
     def _check_header(self, level: int, path: str) -> None:
         with open(path, "rb") as f:
@@ -103,8 +112,22 @@ class DiskTreeStore(TreeStore):
                 f"this run expects {want}; use a fresh --mc_tree_dir for different settings"
             )
 
+    def _check_counts(self) -> None:
+        for level in range(1, self.max_level + 1):
+            blocks = self._counts[level - 1] // self.block_size
+            if self._counts[level] > blocks:
+                raise ValueError(
+                    f"{self._meta_path()} counts {self._counts[level]} level-{level} gists but level {level - 1} "
+                    f"has only {blocks} complete blocks of {self.block_size}: the tree is damaged; use a fresh "
+                    "--mc_tree_dir"
+                )
+
+    def _end(self, level: int) -> int:
+        """File size that holds exactly the level's counted nodes."""
+        return HEADER_SIZE + self._counts[level] * self._record_bytes(level)
+
     def _truncate_to_count(self, level: int, path: str) -> None:
-        want = HEADER_SIZE + self._counts[level] * self._record_bytes(level)
+        want = self._end(level)
         size = os.path.getsize(path)
         if size < want:
             raise ValueError(
@@ -169,9 +192,19 @@ class DiskTreeStore(TreeStore):
     def _append_rows(self, level: int, rows: np.ndarray) -> None:
         self._check_open()
         data = memoryview(np.ascontiguousarray(rows)).cast("B")
-        while data:  # os.write may write less than asked
-            written = os.write(self._fds[level], data)
-            data = data[written:]
+        fd, end = self._fds[level], self._end(level)
+        offset = end
+        try:
+            while data:  # os.pwrite may write less than asked
+                written = os.pwrite(fd, data, offset)
+                if written == 0:
+                    raise OSError(f"no progress writing {self._file(level)}")
+                data, offset = data[written:], offset + written
+        except BaseException:
+            # Cut the rows written so far (disk full, interrupt): the count did not move, so nothing may sit past
+            # it for a later flush to make durable. Later appends write at `end` regardless.
+            os.ftruncate(fd, end)
+            raise
         self._counts[level] += rows.shape[0]
 
     def append_tokens(self, ids) -> None:
@@ -205,7 +238,7 @@ class DiskTreeStore(TreeStore):
         return torch.from_numpy(self._map(0)[start:end].astype(np.int64))
 
     def gather_tokens(self, indices) -> torch.Tensor:
-        idx = _as_index_array(indices)
+        idx = as_index_array(indices)
         self._check_range(0, idx)
         if idx.size == 0:
             return torch.empty(0, dtype=torch.long)
@@ -213,7 +246,7 @@ class DiskTreeStore(TreeStore):
 
     def get_gists(self, level: int, indices) -> torch.Tensor:
         self._check_gist_level(level)
-        idx = _as_index_array(indices)
+        idx = as_index_array(indices)
         self._check_range(level, idx)
         if idx.size == 0:
             return torch.empty(0, self.dim, dtype=self.dtype)

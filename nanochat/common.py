@@ -4,6 +4,7 @@ Every script gets rank, world size and device from `compute_init()` and nowhere 
 same way as one CPU process or as `torchrun --nproc_per_node=N` on GPUs (NCCL) or CPUs (gloo).
 """
 
+import json
 import logging
 import os
 import random
@@ -151,16 +152,39 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+def read_json(path: str):
+    """The JSON value in `path`, or None when there is no such file (manifests, fingerprints)."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+ATOMIC_TEMP_PREFIX = ".tmp-"  # atomic_open's temp files: ATOMIC_TEMP_PREFIX + random + the final file name
+
+
+def stale_atomic_temps(path: str) -> list[str]:
+    """Temp files an atomic write of `path` left next to it when its process died mid-write (they are never
+    the file itself: `path` only ever changes by rename). Only safe to delete while nothing writes `path`."""
+    directory, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return []
+    return [os.path.join(directory, entry) for entry in sorted(os.listdir(directory))
+            if entry.startswith(ATOMIC_TEMP_PREFIX) and entry.endswith(name) and entry != name]
+
+
 @contextmanager
 def atomic_open(path: str, mode: str = "wb"):
-    """Like open(path, mode) for writing, but the file only appears under `path` once the block succeeds."""
+    """Like open(path, mode) for writing, but the file only appears under `path` once the block succeeds.
+    The yielded file's `.name` is the temp path, so the block can check what it wrote before it goes live."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open only writes; got mode {mode!r}")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=ATOMIC_TEMP_PREFIX, suffix=os.path.basename(path))
     try:
-        with os.fdopen(fd, mode) as f:
+        os.close(fd)  # reopened by name, so that f.name is the temp path
+        with open(tmp, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -173,8 +197,8 @@ def atomic_open(path: str, mode: str = "wb"):
 
 
 def strip_separator(argv: list[str] | None = None) -> list[str]:
-    """The script's arguments without a leading '--': `torchrun ... -m scripts.X -- --flag` and the seeds'
-    `python -m scripts.chat_eval -- -i sft` pass it on, and argparse would take every flag after it as positional.
+    """The script's arguments without a leading '--': `torchrun ... -m scripts.X -- --flag` and nanochat's
+    documented `python -m scripts.chat_eval -- -i sft` pass it on, and argparse would take every flag after it as positional.
     None means the command line (sys.argv[1:])."""
     if argv is None:
         argv = sys.argv[1:]

@@ -13,8 +13,8 @@ the unpacked bundle (the zip may hold it at its root or inside one top-level fol
         schema             {"context_options": [...], "continuation", "gold": i}
         language_modeling  {"context", "continuation"}
 
-The download is retried with backoff (5xx, 408/429, dropped connections, truncated bodies, corrupt zips), the zip
-is written atomically, checked, unpacked into a temp folder, validated with `load_bundle`, and only then renamed
+The download goes through nanochat.download (retried with backoff on 5xx, 408/429, dropped connections,
+truncated bodies, corrupt zips; written atomically); the zip is checked, unpacked into a temp folder, validated with `load_bundle`, and only then renamed
 to `eval_bundle/`: that folder exists exactly when a complete bundle is there. `nanochat.core_offline` writes
 its generated tasks in this same layout, so one loader serves both.
 """
@@ -29,10 +29,10 @@ import time
 import zipfile
 from dataclasses import dataclass
 
-import requests
 import yaml
 
-from nanochat.common import get_base_dir
+from nanochat.common import ATOMIC_TEMP_PREFIX, get_base_dir
+from nanochat.download import RetryableError, fetch, head_reachable
 
 DEFAULT_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 BUNDLE_URL_ENV = "NANOCHAT_CORE_BUNDLE_URL"
@@ -177,51 +177,9 @@ def load_examples(task: CoreTask) -> list[dict]:
 # Downloading
 
 
-class _RetryableError(Exception):
-    """An attempt failed in a way another attempt may fix."""
-
-
 def bundle_reachable(url: str | None = None, timeout: float = 3.0) -> tuple[bool, str]:
     """(reachable, why) from one HEAD request; used by `--core-source auto` to decide before a long download."""
-    url = url or get_bundle_url()
-    try:
-        response = requests.head(url, timeout=timeout, allow_redirects=True)
-    except requests.RequestException as e:
-        return False, f"{url} unreachable ({type(e).__name__})"
-    if response.status_code >= 400:
-        return False, f"{url} answered HTTP {response.status_code}"
-    return True, url
-
-
-def _fetch_zip(url: str, dest: str, timeout: float) -> int:
-    """One GET of url into a temp file next to dest, renamed to dest only once complete and a readable zip."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dest)), prefix=".tmp-",
-                               suffix="-" + os.path.basename(dest))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
-                if r.status_code >= 500 or r.status_code in (408, 429):
-                    raise _RetryableError(f"HTTP {r.status_code}")
-                if r.status_code != 200:
-                    raise FileNotFoundError(f"HTTP {r.status_code} for {url}; set ${BUNDLE_URL_ENV} to a reachable "
-                                            "copy of eval_bundle.zip or use `--core-source offline`")
-                expected = r.headers.get("Content-Length")
-                written = 0
-                for chunk in r.iter_content(chunk_size=1 << 20):
-                    f.write(chunk)
-                    written += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        if expected is not None and written != int(expected):
-            raise _RetryableError(f"truncated: got {written} of {expected} bytes")
-        _check_zip(tmp)
-        os.replace(tmp, dest)
-        return written
-    except requests.RequestException as e:  # refused or dropped connections, timeouts, broken bodies
-        raise _RetryableError(f"{type(e).__name__}: {e}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return head_reachable(url or get_bundle_url(), timeout)
 
 
 def _check_zip(path: str) -> None:
@@ -229,9 +187,9 @@ def _check_zip(path: str) -> None:
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
     except zipfile.BadZipFile as e:
-        raise _RetryableError(f"not a readable zip ({e})") from e
+        raise RetryableError(f"not a readable zip ({e})") from e
     if bad is not None:
-        raise _RetryableError(f"zip member {bad} fails its CRC check")
+        raise RetryableError(f"zip member {bad} fails its CRC check")
 
 
 def _safe_extract(zip_path: str, out_dir: str) -> None:
@@ -259,7 +217,7 @@ def _bundle_root(extracted: str) -> str:
 def _install(zip_path: str, bundle_dir: str) -> None:
     """Unpack zip_path, validate it, and rename it into place as bundle_dir."""
     parent = os.path.dirname(os.path.abspath(bundle_dir))
-    staging = tempfile.mkdtemp(dir=parent, prefix=".tmp-eval_bundle-")
+    staging = tempfile.mkdtemp(dir=parent, prefix=ATOMIC_TEMP_PREFIX + "eval_bundle-")
     try:
         _safe_extract(zip_path, staging)
         root = _bundle_root(staging)
@@ -277,24 +235,17 @@ def download_bundle(url: str | None = None, bundle_dir: str | None = None, max_a
     bundle_dir = bundle_dir or default_bundle_dir()
     if bundle_present(bundle_dir):
         return bundle_dir
-    if max_attempts < 1:
-        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     url = url or get_bundle_url()
     zip_path = bundle_dir.rstrip(os.sep) + ".zip"
-    for attempt in range(1, max_attempts + 1):
-        try:
-            t0 = time.time()
-            nbytes = _fetch_zip(url, zip_path, timeout)
-            printer(f"downloaded {url} ({nbytes / 1e6:.1f} MB, {time.time() - t0:.1f}s)")
-            break
-        except _RetryableError as e:
-            if attempt == max_attempts:
-                raise ConnectionError(f"could not download the CORE bundle from {url} after {max_attempts} attempts "
-                                      f"(last error: {e}); set ${BUNDLE_URL_ENV} to a mirror or use "
-                                      "`--core-source offline`") from e
-            delay = min(backoff * 2 ** (attempt - 1), 60.0)
-            printer(f"CORE bundle: attempt {attempt}/{max_attempts} failed ({e}); retrying in {delay:.2g}s")
-            time.sleep(delay)
+    t0 = time.time()
+    try:
+        nbytes = fetch(url, zip_path, max_attempts=max_attempts, backoff=backoff, timeout=timeout, check=_check_zip,
+                       label="CORE bundle", printer=printer, not_found_hint=f"set ${BUNDLE_URL_ENV} to a reachable "
+                       "copy of eval_bundle.zip or use `--core-source offline`")
+    except ConnectionError as e:
+        raise ConnectionError(f"could not download the CORE bundle from {url} ({e}); set ${BUNDLE_URL_ENV} to a "
+                              "mirror or use `--core-source offline`") from e
+    printer(f"downloaded {url} ({nbytes / 1e6:.1f} MB, {time.time() - t0:.1f}s)")
     try:
         _install(zip_path, bundle_dir)
     finally:

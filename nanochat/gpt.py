@@ -1,10 +1,10 @@
 """The GPT: a small modern decoder-only transformer sized by one dial, `depth`.
 
-Architecture (DESIGN §3): token embedding -> RMSNorm -> `n_layer` pre-norm blocks (causal self-attention with
+Architecture: token embedding -> RMSNorm -> `n_layer` pre-norm blocks (causal self-attention with
 rotary embeddings, QK-norm and optional grouped-query attention, then a relu² MLP) -> RMSNorm -> untied lm_head
 -> tanh logit softcap. RMSNorm has no weights and no Linear has a bias.
 
-MegaContext (DESIGN §4) drives the same model through a few hooks on `forward`:
+MegaContext (the megacontext/ package) drives the same model through a few hooks on `forward`:
 - `inputs_embeds` feeds vectors of the embedding space (gists) instead of token ids;
 - `positions` gives every row its own (possibly fractional) rotary positions, `rotary` a precomputed table;
 - `attn_mask` marks the real keys of a left/right padded batch (combined with causality);

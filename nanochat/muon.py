@@ -6,7 +6,7 @@ by the same amount. The orthogonalization is a quintic Newton–Schulz iteration
 and needs no SVD. Its coefficients (3.4445, -4.7750, 2.0315) are tuned to push every singular value into roughly
 [0.7, 1.2] in 5 steps rather than to converge exactly; that is accurate enough for an update direction.
 
-Distributed use: the training loop averages gradients first (`nanochat.optim.all_reduce_gradients`), so every rank
+Distributed use: the training loop averages gradients first (`nanochat.grad_sync.all_reduce_gradients`), so every rank
 computes the same update here and the weights stay identical without further communication.
 """
 

@@ -18,10 +18,10 @@ import base64
 import json
 import os
 
-import rustbpe
 import tiktoken
 import torch
 
+import rustbpe
 from nanochat.common import atomic_open, atomic_write_bytes, get_base_dir
 
 SPECIAL_TOKENS = [

@@ -24,10 +24,8 @@ computes with N× the gradient accumulation.
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
-import time
 
 import psutil
 import torch
@@ -36,7 +34,7 @@ import torch.distributed as dist
 from megacontext.config import MCConfig, add_mc_args
 from megacontext.nets import mc_model_tag
 from megacontext.train_wiring import auto_batch, objective_for_run
-from nanochat.checkpoint_manager import list_steps, load_checkpoint, save_checkpoint
+from nanochat.checkpoint_manager import list_steps, load_checkpoint
 from nanochat.common import (
     add_flag,
     autocast_context,
@@ -48,18 +46,26 @@ from nanochat.common import (
     str2bool,
     strip_separator,
 )
+from nanochat.core_eval import evaluate_core
 from nanochat.dataloader import PretrainLoader, build_val_batches, merge_states
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.grad_sync import all_reduce_gradients
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import all_reduce_gradients
 from nanochat.report import get_report
+from nanochat.run_state import (
+    add_optimizer_flags,
+    gather_objects,
+    restore_optimizer_states,
+    save_run_checkpoint,
+    setup_optimizers,
+)
+from nanochat.stage_loop import StepResult, due, run_steps
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.train_loop import (
     ProgressMeter,
     apply_schedules,
     grad_accum_steps,
     init_wandb,
-    is_finite,
     lr_multiplier,
     muon_momentum,
     peak_flops,
@@ -84,14 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "--num-iterations", type=int, default=-1, help="optimizer steps (-1: from the next two flags)")
     add_flag(p, "--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1: off)")
     add_flag(p, "--target-param-data-ratio", type=float, default=20.0, help="training tokens per parameter")
-    add_flag(p, "--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding")
-    add_flag(p, "--unembedding-lr", type=float, default=0.004, help="AdamW lr of the lm_head")
-    add_flag(p, "--matrix-lr", type=float, default=0.02, help="Muon lr of the hidden matrices")
-    add_flag(p, "--weight-decay", type=float, default=0.0, help="decoupled weight decay (both optimizers)")
+    add_optimizer_flags(p)
     add_flag(p, "--warmup-ratio", type=float, default=0.0, help="fraction of steps with linear LR warmup")
     add_flag(p, "--warmdown-ratio", type=float, default=0.2, help="fraction of steps with linear LR decay")
     add_flag(p, "--final-lr-frac", type=float, default=0.0, help="LR at the end, as a fraction of the initial")
-    add_flag(p, "--grad-clip", type=float, default=1.0, help="clip the global grad norm (0: off)")
     add_flag(p, "--eval-every", type=int, default=250, help="val bpb every N steps (-1: only at the end)")
     add_flag(p, "--eval-tokens", type=int, default=None,
              help=f"val tokens per evaluation (default {GPU_EVAL_TOKENS} on CUDA, {CPU_EVAL_TOKENS} otherwise, "
@@ -134,25 +136,6 @@ def resolve_resume_step(requested: int | str, checkpoint_dir: str) -> int:
         print0(f"--resume-from-step=latest: no checkpoint in {checkpoint_dir} yet, starting fresh")
         return -1
     return steps[-1]
-
-
-def check_core_available(args) -> None:
-    """CORE is evaluated by nanochat.core_eval; never skip it silently when it was asked for, and fail now rather
-    than thousands of steps into the run."""
-    if args.core_metric_every <= 0:
-        return
-    if importlib.util.find_spec("nanochat.core_eval") is None:
-        raise ValueError(f"--core-metric-every={args.core_metric_every} needs the CORE evaluation module "
-                         "nanochat/core_eval.py, which this checkout does not have; pass --core-metric-every=-1")
-    core_eval = importlib.import_module("nanochat.core_eval")
-    if not callable(getattr(core_eval, "evaluate_core", None)):
-        raise ValueError("nanochat.core_eval has no evaluate_core(model, tokenizer, device, max_per_task) -> "
-                         "{'core_metric': float, ...}; pass --core-metric-every=-1")
-
-
-def evaluate_core(model, tokenizer, device, max_per_task: int) -> float:
-    core_eval = importlib.import_module("nanochat.core_eval")  # checked by check_core_available
-    return float(core_eval.evaluate_core(model, tokenizer, device, max_per_task=max_per_task)["core_metric"])
 
 
 def build_model(args, vocab_size: int, device: torch.device) -> GPT:
@@ -202,12 +185,7 @@ def sample(model, tokenizer, device_type) -> list[str]:
 
 
 def gather_loader_state(loader: PretrainLoader, ddp: bool) -> dict:
-    state = loader.state_dict()
-    if not ddp:
-        return merge_states([state])
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return merge_states(states)
+    return merge_states(gather_objects(loader.state_dict(), ddp))
 
 
 def resume(step, checkpoint_dir, model, optimizers, dist_info) -> tuple[dict, dict]:
@@ -219,11 +197,7 @@ def resume(step, checkpoint_dir, model, optimizers, dist_info) -> tuple[dict, di
                          f"{meta['model_config']}, but the flags build {dataclasses.asdict(model.config)}; resume "
                          "with the same --depth / --max-seq-len and tokenizer")
     model.load_state_dict(model_state, strict=True)
-    for opt, state in zip(optimizers, optim_states, strict=True):
-        fresh = [(g["initial_lr"], g["weight_decay"]) for g in opt.param_groups]
-        opt.load_state_dict(state)
-        for group, (lr, wd) in zip(opt.param_groups, fresh):  # this run's flags win over the saved hyperparameters
-            group["initial_lr"], group["weight_decay"] = lr, wd
+    restore_optimizer_states(optimizers, optim_states)
     return meta, aux
 
 
@@ -249,7 +223,6 @@ class LossLog:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    check_core_available(args)
     device_type = resolve_device_type(args.device_type)
     dist_info = compute_init(device_type, seed=args.seed)
     summary = train(args, dist_info)
@@ -300,8 +273,7 @@ def setup(args, dist_info) -> Run:
     if plan.message:
         print0(plan.message)
     accum = grad_accum_steps(args.total_batch_size, args.device_batch_size, args.max_seq_len, dist_info.world_size)
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    optimizers = setup_optimizers(model, args)
     use_compile = dist_info.device_type == "cuda" if args.compile is None else args.compile
     train_model = torch.compile(model, dynamic=False) if use_compile else model
     objective, _ = objective_for_run(mc_cfg, model, train_model, num_iterations, args.seed, args.mc_telemetry_jsonl)
@@ -342,11 +314,6 @@ def setup(args, dist_info) -> Run:
                val_bpb=val_bpb, min_val_bpb=min_val_bpb)
 
 
-def due(step: int, every: int, last: bool, at_zero: bool) -> bool:
-    """Periodic work: every `every` steps (never if every <= 0) and always at the last step."""
-    return last or (every > 0 and step % every == 0 and (at_zero or step > 0))
-
-
 def run_eval(run: Run, step: int) -> None:
     if run.val_batches is None:
         run.val_batches = load_val_batches(run.args, run.tokenizer, run.dist, run.dist.device_type)
@@ -363,43 +330,37 @@ def run_eval(run: Run, step: int) -> None:
 
 def save_step(run: Run, step: int) -> None:
     """Checkpoint on every rank (each writes its optimizer shard); rank 0 writes weights and meta."""
-    master = run.dist.is_master
-    meta = {"step": step, "model_config": dataclasses.asdict(run.model.config), "user_config": vars(run.args),
-            "val_bpb": run.val_bpb, "world_size": run.dist.world_size,
-            "dataloader_state": gather_loader_state(run.loader, run.dist.ddp),
-            "loop_state": {"progress": run.meter.state_dict(), "min_val_bpb": run.min_val_bpb}}
     aux, mc_meta = run.objective.checkpoint_parts()  # MC nets and their config ({} without --mc)
-    save_checkpoint(run.checkpoint_dir, step, run.model.state_dict() if master else None,
-                    [opt.state_dict() for opt in run.optimizers], {**meta, **mc_meta}, rank=run.dist.rank,
-                    aux_states=aux)
+    save_run_checkpoint(run.checkpoint_dir, step, run.model, run.optimizers, run.dist, {
+        "user_config": vars(run.args), "val_bpb": run.val_bpb,
+        "dataloader_state": gather_loader_state(run.loader, run.dist.ddp),
+        "loop_state": {"progress": run.meter.state_dict(), "min_val_bpb": run.min_val_bpb}, **mc_meta},
+        aux_states=aux)
     print0(f"saved checkpoint {run.checkpoint_dir} step {step}")
+
+
+def run_evals(run: Run, step: int, last: bool) -> None:
+    """Everything due at `step`: val bpb, CORE, samples (rank 0)."""
+    args, dist_info = run.args, run.dist
+    if due(step, args.eval_every, last):
+        run_eval(run, step)
+    if args.core_metric_every > 0 and due(step, args.core_metric_every, last, at_zero=False):
+        result = evaluate_core(run.model, run.tokenizer, dist_info.device, max_per_task=args.core_metric_max_per_task)
+        run.core_metric = float(result["core_metric"])
+        print0(f"step {step:05d} | CORE metric: {run.core_metric:.4f}")
+        run.wandb_run.log({"step": step, "core_metric": run.core_metric})
+    if dist_info.is_master and args.sample_every > 0 and due(step, args.sample_every, last, at_zero=False):
+        run.samples = sample(run.model, run.tokenizer, dist_info.device_type)
+        print0("\n".join(f"  sample: {s!r}" for s in run.samples))
 
 
 def train(args, dist_info) -> dict:
     run = setup(args, dist_info)
-    for step in range(run.start_step, run.num_iterations + 1):
-        last = step == run.num_iterations
-        if due(step, args.eval_every, last, at_zero=True):
-            run_eval(run, step)
-        if due(step, args.core_metric_every, last and args.core_metric_every > 0, at_zero=False):
-            run.core_metric = evaluate_core(run.model, run.tokenizer, dist_info.device, args.core_metric_max_per_task)
-            print0(f"step {step:05d} | CORE metric: {run.core_metric:.4f}")
-            run.wandb_run.log({"step": step, "core_metric": run.core_metric})
-        if dist_info.is_master and due(step, args.sample_every, last and args.sample_every > 0, at_zero=False):
-            run.samples = sample(run.model, run.tokenizer, dist_info.device_type)
-            print0("\n".join(f"  sample: {s!r}" for s in run.samples))
-        if step != run.start_step and due(step, args.save_every, last, at_zero=False):
-            save_step(run, step)
-        if last:
-            break
-        loss, lrm, dt, grad_norm, mc = train_step(args, step, run)
-        if not is_finite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower the learning rates or check the data")
-        run.losses.append(loss)
-        print0(run.meter.update(step + 1, loss, lrm, dt, run.loader.epoch) + format_mc(mc, "mc/"), flush=True)
-        run.wandb_run.log({"step": step + 1, "train/loss": loss, "train/lrm": lrm, "train/dt": dt,
-                           "train/grad_norm": grad_norm, "train/tok_per_sec": args.total_batch_size / dt, **mc})
-        run.loss_log.write(step=step + 1, loss=loss, lrm=lrm, dt=dt, **mc)
+    run.losses = run_steps(
+        start_step=run.start_step, num_iterations=run.num_iterations, save_every=args.save_every, meter=run.meter,
+        wandb_run=run.wandb_run, evaluate=lambda step, last: run_evals(run, step, last),
+        save=lambda step: save_step(run, step), step=lambda step: train_step(args, step, run),
+        after_step=lambda step, r, dt: run.loss_log.write(step=step, loss=r.loss, lrm=r.lrm, dt=dt, **r.logs))
     return finish(run)
 
 
@@ -431,10 +392,8 @@ def format_mc(metrics: dict, prefix: str) -> str:
     return line + f" | ctrl: {metrics[prefix + 'time_controller_ms']:.0f}ms"
 
 
-def train_step(args, step: int, run: Run) -> tuple[float, float, float, float, dict]:
-    """One optimizer step over `accum` micro-batches; returns (loss averaged over all ranks, lrm, dt, grad norm,
-    MC metrics)."""
-    t0 = time.perf_counter()
+def train_step(args, step: int, run: Run) -> StepResult:
+    """One optimizer step over `accum` micro-batches; the loss is averaged over all ranks."""
     lrm = lr_multiplier(step, run.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
     apply_schedules(run.optimizers, lrm, muon_momentum(step))
     loss_sum = torch.zeros((), device=run.dist.device)
@@ -457,8 +416,8 @@ def train_step(args, step: int, run: Run) -> tuple[float, float, float, float, d
         dist.all_reduce(loss_avg, op=dist.ReduceOp.SUM)
         loss_avg /= run.dist.world_size
     loss_value, grad_norm_value = loss_avg.item(), grad_norm.item()  # .item() waits for the GPU: dt is honest
-    mc = run.objective.step_metrics()
-    return loss_value, lrm, time.perf_counter() - t0, grad_norm_value, mc
+    mc = run.objective.step_metrics()  # {} without --mc
+    return StepResult(loss_value, lrm, grad_norm_value, epoch=run.loader.epoch, logs=mc, note=format_mc(mc, "mc/"))
 
 
 if __name__ == "__main__":

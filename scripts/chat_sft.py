@@ -16,16 +16,14 @@ multiple-choice accuracy every --eval-metrics-every steps; checkpoints go to cha
 """
 
 import argparse
-import time
 
 from nanochat.chat_data import SFTBatches
 from nanochat.chat_train import (
     add_stage_flags,
     check_positive,
     load_start,
+    model_loss_sum,
     restore_optimizers,
-    save_stage,
-    setup_optimizers,
     stage_dir,
     train_step,
 )
@@ -41,10 +39,12 @@ from nanochat.common import (
 )
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
+from nanochat.run_state import save_run_checkpoint, setup_optimizers
+from nanochat.stage_loop import StepResult, due, run_stage
 from nanochat.tasks.evaluate import run_categorical
 from nanochat.tasks.mixtures import eval_task, resolve_data_source, sft_mixture
 from nanochat.tokenizer import get_token_bytes
-from nanochat.train_loop import ProgressMeter, init_wandb, is_finite, lr_multiplier, peak_flops
+from nanochat.train_loop import ProgressMeter, init_wandb, lr_multiplier, peak_flops
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,112 +74,120 @@ def grad_accum(args, world_size: int) -> int:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     dist_info = compute_init(resolve_device_type(args.device_type), seed=args.seed)
-    summary = train(args, dist_info)
+    summary = run_stage(SFTStage(args, dist_info), args.save_every)
     compute_cleanup()
     return summary
 
 
-def train(args, dist_info) -> dict:
-    device, device_type, master = dist_info.device, dist_info.device_type, dist_info.is_master
-    source = resolve_data_source(args.data, printer=print0)
-    model, tokenizer, meta, model_tag, start = load_start("sft", args.source, args, device)
-    accum = grad_accum(args, dist_info.world_size)
-    train_task, val_task = sft_mixture(source, "train"), sft_mixture(source, "test")
-    metric_tasks = ["MultipleChoice"] + (["MMLU", "ARC-Easy"] if source == "hub" else [])
-    batches = SFTBatches(train_task, tokenizer, args.device_batch_size, args.max_seq_len, dist_info.rank,
-                         dist_info.world_size, accum, device, seed=args.seed)
-    num_iterations = args.num_iterations if args.num_iterations > 0 else max(
-        1, round(args.num_epochs * batches.steps_per_epoch()))
-    optimizers = setup_optimizers(model, args)
-    checkpoint_dir = stage_dir("chatsft_checkpoints", model_tag)
-    peak = peak_flops(device)
-    # tokens per step vary with the padded batch length; the meter is told the real count every step
-    meter = ProgressMeter(num_iterations, 1, model.estimate_flops(),
-                          None if peak is None else peak * dist_info.world_size)
-    start_step, val_bpb, metrics = 0, None, {}
-    if args.resume_from_step >= 0:
-        restore_optimizers(checkpoint_dir, start["step"], optimizers, device, dist_info.rank)
-        start_step, val_bpb, start = meta["step"], meta.get("val_bpb"), meta["start"]
-        meter.load_state_dict(meta["loop_state"]["progress"])
-        print0(f"resumed from {checkpoint_dir} step {start_step}")
-    user_config = vars(args).copy()
-    wandb_run = init_wandb(args.run, user_config, "nanochat-sft", master, get_base_dir())
-    token_bytes = get_token_bytes(device)
-    world_tokens = dist_info.world_size
+class SFTStage:
+    """One SFT run: setup in __init__, then the hooks nanochat.stage_loop.run_steps calls."""
 
-    print0(f"start: {start['phase']} checkpoint {start['model_tag']} step {start['step']}; "
-           f"{model.num_params():,} params")
-    print0(f"mixture: {train_task.name}: {len(train_task):,} conversations; val {len(val_task):,}")
-    print0(f"batch: {args.target_examples_per_step} conversations/step = {args.device_batch_size} rows × "
-           f"{dist_info.world_size} processes × {accum} accumulation steps; {num_iterations:,} steps "
-           f"({num_iterations / batches.steps_per_epoch():.2f} epochs)")
+    def __init__(self, args, dist_info):
+        self.args, self.dist = args, dist_info
+        device = dist_info.device
+        self.source = resolve_data_source(args.data, printer=print0)
+        # model and optimizers
+        self.model, self.tokenizer, meta, self.model_tag, self.start = load_start("sft", args.source, args, device)
+        self.optimizers = setup_optimizers(self.model, args, lr_frac=args.init_lr_frac)
+        # data and horizon
+        self.accum = grad_accum(args, dist_info.world_size)
+        self.train_task, self.val_task = sft_mixture(self.source, "train"), sft_mixture(self.source, "test")
+        self.metric_tasks = ["MultipleChoice"] + (["MMLU", "ARC-Easy"] if self.source == "hub" else [])
+        self.batches = SFTBatches(self.train_task, self.tokenizer, args.device_batch_size, args.max_seq_len,
+                                  dist_info.rank, dist_info.world_size, self.accum, device, seed=args.seed)
+        self.num_iterations = args.num_iterations if args.num_iterations > 0 else max(
+            1, round(args.num_epochs * self.batches.steps_per_epoch()))
+        self.checkpoint_dir = stage_dir("chatsft_checkpoints", self.model_tag)
+        peak = peak_flops(device)
+        # tokens per step vary with the padded batch length; each step reports its real count
+        self.meter = ProgressMeter(self.num_iterations, 1, self.model.estimate_flops(),
+                                   None if peak is None else peak * dist_info.world_size)
+        # resume
+        self.start_step, self.val_bpb, self.metrics = 0, None, {}
+        if args.resume_from_step >= 0:
+            restore_optimizers(self.checkpoint_dir, self.start["step"], self.optimizers, device, dist_info.rank)
+            self.start_step, self.val_bpb, self.start = meta["step"], meta.get("val_bpb"), meta["start"]
+            self.meter.load_state_dict(meta["loop_state"]["progress"])
+            print0(f"resumed from {self.checkpoint_dir} step {self.start_step}")
+        self.user_config = vars(args).copy()
+        self.wandb_run = init_wandb(args.run, self.user_config, "nanochat-sft", dist_info.is_master,
+                                    get_base_dir())
+        self.token_bytes = get_token_bytes(device)
 
-    losses = []
-    for step in range(start_step, num_iterations + 1):
-        last = step == num_iterations
-        if last or (args.eval_every > 0 and step % args.eval_every == 0):
-            val_bpb = evaluate_val(args, model, val_task, tokenizer, dist_info, token_bytes)
-            print0(f"step {step:05d} | val bpb (assistant tokens): {val_bpb:.4f}")
-            wandb_run.log({"step": step, "val/bpb": val_bpb})
-        if args.eval_metrics_every > 0 and (last or (step > 0 and step % args.eval_metrics_every == 0)):
-            metrics = evaluate_metrics(args, model, tokenizer, metric_tasks, dist_info)
-            print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
-            wandb_run.log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
-        if step != start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):
-            save_stage(checkpoint_dir, step, model, optimizers, dist_info, {
-                "user_config": user_config, "val_bpb": val_bpb, "data": source, "start": start,
-                "model_tag": model_tag, "metrics": metrics, "loop_state": {"progress": meter.state_dict()}})
-            print0(f"saved checkpoint {checkpoint_dir} step {step}")
-        if last:
-            break
-        t0 = time.perf_counter()
-        lrm = lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, 0.0)
-        micro = [batches.batch(step, m) for m in range(accum)]
-        loss, grad_norm, supervised = train_step(model, model, optimizers, micro, lrm, None, args.grad_clip,
-                                                 device_type)
-        dt = time.perf_counter() - t0
-        if not is_finite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower the learning rates or check the data")
-        losses.append(loss)
-        meter.tokens_per_step = sum(x.numel() for x, _ in micro) * world_tokens  # positions computed (with padding)
-        print0(meter.update(step + 1, loss, lrm, dt, round(batches.epoch(step + 1), 2)), flush=True)
-        wandb_run.log({"step": step + 1, "train/loss": loss, "train/lrm": lrm, "train/dt": dt,
-                       "train/grad_norm": grad_norm, "train/supervised_tokens": supervised})
+    def describe(self) -> None:
+        args, start = self.args, self.start
+        print0(f"start: {start['phase']} checkpoint {start['model_tag']} step {start['step']}; "
+               f"{self.model.num_params():,} params")
+        print0(f"mixture: {self.train_task.name}: {len(self.train_task):,} conversations; val {len(self.val_task):,}")
+        print0(f"batch: {args.target_examples_per_step} conversations/step = {args.device_batch_size} rows × "
+               f"{self.dist.world_size} processes × {self.accum} accumulation steps; {self.num_iterations:,} steps "
+               f"({self.num_iterations / self.batches.steps_per_epoch():.2f} epochs)")
 
-    print0(f"done: {meter.total_time / 60:.2f}m of training, final val bpb {val_bpb:.4f}")
-    get_report().log("Chat SFT", [
-        user_config,
-        {"data": source, "start": f"{start['phase']}/{start['model_tag']} step {start['step']}",
-         "conversations": len(train_task), "num_iterations": num_iterations, "world_size": dist_info.world_size,
-         "grad_accum_steps": accum},
-        {"final_val_bpb": val_bpb, **metrics, "training_time_min": meter.total_time / 60},
-    ])
-    wandb_run.finish()
-    return {"losses": losses, "val_bpb": val_bpb, "metrics": metrics, "step": num_iterations,
-            "checkpoint_dir": checkpoint_dir, "data": source}
+    # ------------------------------------------------------------------ hooks of run_steps
+    def evaluate(self, step: int, last: bool) -> None:
+        args = self.args
+        if due(step, args.eval_every, last):
+            self.val_bpb = self.val_bits_per_byte()
+            print0(f"step {step:05d} | val bpb (assistant tokens): {self.val_bpb:.4f}")
+            self.wandb_run.log({"step": step, "val/bpb": self.val_bpb})
+        if args.eval_metrics_every > 0 and due(step, args.eval_metrics_every, last, at_zero=False):
+            self.metrics = self.accuracy_metrics()
+            print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in self.metrics.items()))
+            self.wandb_run.log({"step": step, **{f"eval/{k}": v for k, v in self.metrics.items()}})
 
+    def save(self, step: int) -> None:
+        save_run_checkpoint(self.checkpoint_dir, step, self.model, self.optimizers, self.dist, {
+            "user_config": self.user_config, "val_bpb": self.val_bpb, "data": self.source, "start": self.start,
+            "model_tag": self.model_tag, "metrics": self.metrics, "loop_state": {"progress": self.meter.state_dict()}})
+        print0(f"saved checkpoint {self.checkpoint_dir} step {step}")
 
-def evaluate_val(args, model, val_task, tokenizer, dist_info, token_bytes) -> float:
-    """Bits per byte of the assistant tokens of the first held-out conversations (the same ones every time)."""
-    val = SFTBatches(val_task, tokenizer, args.device_batch_size, args.max_seq_len, dist_info.rank,
-                     dist_info.world_size, 1, dist_info.device, seed=0)
-    model.eval()
-    with autocast_context(dist_info.device_type):
-        bpb = evaluate_bpb(model, (val.batch(s, 0) for s in range(args.eval_steps)), args.eval_steps, token_bytes)
-    model.train()
-    return bpb
+    def step(self, step: int) -> StepResult:
+        lrm = lr_multiplier(step, self.num_iterations, 0.0, self.args.warmdown_ratio, 0.0)
+        micro = [self.batches.batch(step, m) for m in range(self.accum)]
+        loss, grad_norm, supervised = train_step(self.model, self.optimizers, micro, lrm, None, self.args.grad_clip,
+                                                 self.dist.device_type, model_loss_sum(self.model))
+        computed = sum(x.numel() for x, _ in micro) * self.dist.world_size  # positions computed, padding included
+        return StepResult(loss, lrm, grad_norm, epoch=round(self.batches.epoch(step + 1), 2), tokens=computed,
+                          logs={"train/supervised_tokens": supervised})
 
+    # ------------------------------------------------------------------
+    def val_bits_per_byte(self) -> float:
+        """Bits per byte of the assistant tokens of the first held-out conversations (the same ones every time)."""
+        args, dist_info = self.args, self.dist
+        val = SFTBatches(self.val_task, self.tokenizer, args.device_batch_size, args.max_seq_len, dist_info.rank,
+                         dist_info.world_size, 1, dist_info.device, seed=0)
+        self.model.eval()
+        with autocast_context(dist_info.device_type):
+            bpb = evaluate_bpb(self.model, (val.batch(s, 0) for s in range(args.eval_steps)), args.eval_steps,
+                               self.token_bytes)
+        self.model.train()
+        return bpb
 
-def evaluate_metrics(args, model, tokenizer, names: list[str], dist_info) -> dict:
-    model.eval()
-    metrics = {}
-    for name in names:
-        correct, total = run_categorical(eval_task(name), model, tokenizer, batch_size=args.device_batch_size,
-                                         max_problems=args.eval_metrics_max_problems, rank=dist_info.rank,
-                                         world_size=dist_info.world_size)
-        metrics[name] = correct / max(1, total)
-    model.train()
-    return metrics
+    def accuracy_metrics(self) -> dict:
+        self.model.eval()
+        metrics = {}
+        for name in self.metric_tasks:
+            correct, total = run_categorical(eval_task(name), self.model, self.tokenizer,
+                                             batch_size=self.args.device_batch_size,
+                                             max_problems=self.args.eval_metrics_max_problems, rank=self.dist.rank,
+                                             world_size=self.dist.world_size)
+            metrics[name] = correct / max(1, total)
+        self.model.train()
+        return metrics
+
+    def finish(self, losses: list[float]) -> dict:
+        print0(f"done: {self.meter.total_time / 60:.2f}m of training, final val bpb {self.val_bpb:.4f}")
+        start = self.start
+        get_report().log("Chat SFT", [
+            self.user_config,
+            {"data": self.source, "start": f"{start['phase']}/{start['model_tag']} step {start['step']}",
+             "conversations": len(self.train_task), "num_iterations": self.num_iterations,
+             "world_size": self.dist.world_size, "grad_accum_steps": self.accum},
+            {"final_val_bpb": self.val_bpb, **self.metrics, "training_time_min": self.meter.total_time / 60},
+        ])
+        self.wandb_run.finish()
+        return {"losses": losses, "val_bpb": self.val_bpb, "metrics": self.metrics, "step": self.num_iterations,
+                "checkpoint_dir": self.checkpoint_dir, "data": self.source}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ prints a progress line; val bits-per-byte (all tokens of held-out conversations)
 """
 
 import argparse
-import time
 
 import torch
 
@@ -23,11 +22,9 @@ from nanochat.chat_data import PackedConversations, estimate_tokens_per_conversa
 from nanochat.chat_train import (
     add_stage_flags,
     check_positive,
-    gather_objects,
     load_start,
+    model_loss_sum,
     restore_optimizers,
-    save_stage,
-    setup_optimizers,
     stage_dir,
     train_step,
 )
@@ -44,13 +41,14 @@ from nanochat.common import (
 )
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
+from nanochat.run_state import gather_objects, save_run_checkpoint, setup_optimizers
+from nanochat.stage_loop import StepResult, due, run_stage
 from nanochat.tasks.mixtures import mid_mixture, resolve_data_source
 from nanochat.tokenizer import get_token_bytes
 from nanochat.train_loop import (
     ProgressMeter,
     grad_accum_steps,
     init_wandb,
-    is_finite,
     lr_multiplier,
     muon_momentum,
     peak_flops,
@@ -83,107 +81,118 @@ def eval_steps(args, world_size: int, device_type: str) -> int:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     dist_info = compute_init(resolve_device_type(args.device_type), seed=args.seed)
-    summary = train(args, dist_info)
+    summary = run_stage(MidStage(args, dist_info), args.save_every)
     compute_cleanup()
     return summary
 
 
-def train(args, dist_info) -> dict:
-    device, device_type, master = dist_info.device, dist_info.device_type, dist_info.is_master
-    source = resolve_data_source(args.data, printer=print0)
-    model, tokenizer, meta, model_tag, start = load_start("mid", "base", args, device)
-    if args.max_seq_len > model.config.sequence_len:
-        print0(f"note: --max-seq-len={args.max_seq_len} is longer than the base model's {model.config.sequence_len}")
-    accum = grad_accum_steps(args.total_batch_size, args.device_batch_size, args.max_seq_len, dist_info.world_size)
-    train_task, val_task = mid_mixture(source, "train"), mid_mixture(source, "test")
-    tokens_per_conv = estimate_tokens_per_conversation(train_task, tokenizer, seed=args.seed)
-    steps_per_epoch = packed_steps_per_epoch(len(train_task), tokens_per_conv, args.total_batch_size)
-    num_iterations = args.num_iterations if args.num_iterations > 0 else max(1, round(args.num_epochs *
-                                                                                      steps_per_epoch))
-    optimizers = setup_optimizers(model, args)
-    checkpoint_dir = stage_dir("mid_checkpoints", model_tag)
-    flops_per_token = model.estimate_flops()
-    peak = peak_flops(device)
-    meter = ProgressMeter(num_iterations, args.total_batch_size, flops_per_token,
-                          None if peak is None else peak * dist_info.world_size)
-    start_step, loader_state, val_bpb = 0, None, None
-    if args.resume_from_step >= 0:
-        restore_optimizers(checkpoint_dir, start["step"], optimizers, device, dist_info.rank)
-        states = meta["dataloader_state"]
-        if len(states) != dist_info.world_size:
-            raise ValueError(f"mid step {start['step']} was saved by {len(states)} processes; resume it with "
-                             f"the same number (this run has {dist_info.world_size})")
-        start_step, loader_state, val_bpb = meta["step"], states[dist_info.rank], meta.get("val_bpb")
-        meter.load_state_dict(meta["loop_state"]["progress"])
-        start = meta["start"]
-        print0(f"resumed from {checkpoint_dir} step {start_step}")
-    loader = PackedConversations(train_task, tokenizer, args.device_batch_size, args.max_seq_len, dist_info.rank,
-                                 dist_info.world_size, device, state=loader_state)
-    use_compile = device_type == "cuda" if args.compile is None else args.compile
-    train_model = torch.compile(model, dynamic=False) if use_compile else model
-    user_config = vars(args).copy()
-    wandb_run = init_wandb(args.run, user_config, "nanochat-mid", master, get_base_dir())
-    token_bytes = get_token_bytes(device)
+class MidStage:
+    """One midtraining run: setup in __init__, then the hooks nanochat.stage_loop.run_steps calls."""
 
-    print0(f"start: {start['phase']} checkpoint {start['model_tag']} step {start['step']}; "
-           f"{model.num_params():,} params")
-    print0(f"mixture: {train_task.name}: {len(train_task):,} conversations, ~{tokens_per_conv:.0f} tokens each "
-           f"-> {steps_per_epoch:,} steps/epoch; val {len(val_task):,} conversations")
-    print0(f"batch: {args.total_batch_size:,} tokens/step = {args.device_batch_size} rows × {args.max_seq_len} × "
-           f"{dist_info.world_size} processes × {accum} accumulation steps; {num_iterations:,} steps")
+    def __init__(self, args, dist_info):
+        self.args, self.dist = args, dist_info
+        device = dist_info.device
+        self.source = resolve_data_source(args.data, printer=print0)
+        # model and optimizers
+        self.model, self.tokenizer, meta, self.model_tag, self.start = load_start("mid", "base", args, device)
+        if args.max_seq_len > self.model.config.sequence_len:
+            print0(f"note: --max-seq-len={args.max_seq_len} is longer than the base model's "
+                   f"{self.model.config.sequence_len}")
+        self.optimizers = setup_optimizers(self.model, args, lr_frac=args.init_lr_frac)
+        use_compile = dist_info.device_type == "cuda" if args.compile is None else args.compile
+        self.train_model = torch.compile(self.model, dynamic=False) if use_compile else self.model
+        # data and horizon
+        self.accum = grad_accum_steps(args.total_batch_size, args.device_batch_size, args.max_seq_len,
+                                      dist_info.world_size)
+        self.train_task, self.val_task = mid_mixture(self.source, "train"), mid_mixture(self.source, "test")
+        self.tokens_per_conv = estimate_tokens_per_conversation(self.train_task, self.tokenizer, seed=args.seed)
+        self.steps_per_epoch = packed_steps_per_epoch(len(self.train_task), self.tokens_per_conv,
+                                                      args.total_batch_size)
+        self.num_iterations = args.num_iterations if args.num_iterations > 0 else max(
+            1, round(args.num_epochs * self.steps_per_epoch))
+        self.checkpoint_dir = stage_dir("mid_checkpoints", self.model_tag)
+        peak = peak_flops(device)
+        self.meter = ProgressMeter(self.num_iterations, args.total_batch_size, self.model.estimate_flops(),
+                                   None if peak is None else peak * dist_info.world_size)
+        # resume
+        self.start_step, loader_state, self.val_bpb = 0, None, None
+        if args.resume_from_step >= 0:
+            restore_optimizers(self.checkpoint_dir, self.start["step"], self.optimizers, device, dist_info.rank)
+            states = meta["dataloader_state"]
+            if len(states) != dist_info.world_size:
+                raise ValueError(f"mid step {self.start['step']} was saved by {len(states)} processes; resume it "
+                                 f"with the same number (this run has {dist_info.world_size})")
+            self.start_step, loader_state, self.val_bpb = meta["step"], states[dist_info.rank], meta.get("val_bpb")
+            self.meter.load_state_dict(meta["loop_state"]["progress"])
+            self.start = meta["start"]
+            print0(f"resumed from {self.checkpoint_dir} step {self.start_step}")
+        self.min_val_bpb = self.val_bpb
+        self.loader = PackedConversations(self.train_task, self.tokenizer, args.device_batch_size, args.max_seq_len,
+                                          dist_info.rank, dist_info.world_size, device, state=loader_state)
+        self.user_config = vars(args).copy()
+        self.wandb_run = init_wandb(args.run, self.user_config, "nanochat-mid", dist_info.is_master,
+                                    get_base_dir())
+        self.token_bytes = get_token_bytes(device)
 
-    min_val_bpb, losses = val_bpb, []
-    for step in range(start_step, num_iterations + 1):
-        last = step == num_iterations
-        if last or (args.eval_every > 0 and step % args.eval_every == 0):
-            val_bpb = evaluate_val(args, model, train_model, val_task, tokenizer, dist_info, token_bytes)
-            min_val_bpb = val_bpb if min_val_bpb is None else min(min_val_bpb, val_bpb)
-            print0(f"step {step:05d} | val bpb: {val_bpb:.4f}")
-            wandb_run.log({"step": step, "val/bpb": val_bpb})
-        if step != start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):
-            save_stage(checkpoint_dir, step, model, optimizers, dist_info, {
-                "user_config": user_config, "val_bpb": val_bpb, "data": source, "start": start,
-                "model_tag": model_tag, "dataloader_state": gather_objects(loader.state_dict(), dist_info.ddp),
-                "loop_state": {"progress": meter.state_dict()}})
-            print0(f"saved checkpoint {checkpoint_dir} step {step}")
-        if last:
-            break
-        t0 = time.perf_counter()
-        lrm = lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, 0.0)
-        batches = [next(loader) for _ in range(accum)]
-        loss, grad_norm, _ = train_step(model, train_model, optimizers, batches, lrm, muon_momentum(step),
-                                        args.grad_clip, device_type)
-        dt = time.perf_counter() - t0
-        if not is_finite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower the learning rates or check the data")
-        losses.append(loss)
-        print0(meter.update(step + 1, loss, lrm, dt, round(loader.epoch, 2)), flush=True)
-        wandb_run.log({"step": step + 1, "train/loss": loss, "train/lrm": lrm, "train/dt": dt,
-                       "train/grad_norm": grad_norm, "train/tok_per_sec": args.total_batch_size / dt})
+    def describe(self) -> None:
+        args, start = self.args, self.start
+        print0(f"start: {start['phase']} checkpoint {start['model_tag']} step {start['step']}; "
+               f"{self.model.num_params():,} params")
+        print0(f"mixture: {self.train_task.name}: {len(self.train_task):,} conversations, ~{self.tokens_per_conv:.0f}"
+               f" tokens each -> {self.steps_per_epoch:,} steps/epoch; val {len(self.val_task):,} conversations")
+        print0(f"batch: {args.total_batch_size:,} tokens/step = {args.device_batch_size} rows × {args.max_seq_len} × "
+               f"{self.dist.world_size} processes × {self.accum} accumulation steps; {self.num_iterations:,} steps")
 
-    print0(f"done: {meter.total_time / 60:.2f}m of training, min val bpb {min_val_bpb:.4f}")
-    get_report().log("Midtraining", [
-        user_config,
-        {"data": source, "start": f"{start['phase']}/{start['model_tag']} step {start['step']}",
-         "conversations": len(train_task), "num_iterations": num_iterations, "world_size": dist_info.world_size,
-         "grad_accum_steps": accum},
-        {"min_val_bpb": min_val_bpb, "final_val_bpb": val_bpb, "training_time_min": meter.total_time / 60},
-    ])
-    wandb_run.finish()
-    return {"losses": losses, "val_bpb": val_bpb, "step": num_iterations, "checkpoint_dir": checkpoint_dir,
-            "data": source}
+    # ------------------------------------------------------------------ hooks of run_steps
+    def evaluate(self, step: int, last: bool) -> None:
+        if not due(step, self.args.eval_every, last):
+            return
+        self.val_bpb = self.val_bits_per_byte()
+        self.min_val_bpb = self.val_bpb if self.min_val_bpb is None else min(self.min_val_bpb, self.val_bpb)
+        print0(f"step {step:05d} | val bpb: {self.val_bpb:.4f}")
+        self.wandb_run.log({"step": step, "val/bpb": self.val_bpb})
 
+    def save(self, step: int) -> None:
+        save_run_checkpoint(self.checkpoint_dir, step, self.model, self.optimizers, self.dist, {
+            "user_config": self.user_config, "val_bpb": self.val_bpb, "data": self.source, "start": self.start,
+            "model_tag": self.model_tag, "dataloader_state": gather_objects(self.loader.state_dict(), self.dist.ddp),
+            "loop_state": {"progress": self.meter.state_dict()}})
+        print0(f"saved checkpoint {self.checkpoint_dir} step {step}")
 
-def evaluate_val(args, model, train_model, val_task, tokenizer, dist_info, token_bytes) -> float:
-    """Bits per byte over a fixed packed slice of the held-out conversations (the same slice every time)."""
-    steps = eval_steps(args, dist_info.world_size, dist_info.device_type)
-    val_loader = PackedConversations(val_task, tokenizer, args.device_batch_size, args.max_seq_len, dist_info.rank,
-                                     dist_info.world_size, dist_info.device)
-    model.eval()
-    with autocast_context(dist_info.device_type):
-        bpb = evaluate_bpb(train_model, val_loader, steps, token_bytes)
-    model.train()
-    return bpb
+    def step(self, step: int) -> StepResult:
+        lrm = lr_multiplier(step, self.num_iterations, 0.0, self.args.warmdown_ratio, 0.0)
+        batches = [next(self.loader) for _ in range(self.accum)]
+        loss, grad_norm, _ = train_step(self.model, self.optimizers, batches, lrm, muon_momentum(step),
+                                        self.args.grad_clip, self.dist.device_type, model_loss_sum(self.train_model))
+        return StepResult(loss, lrm, grad_norm, epoch=round(self.loader.epoch, 2))
+
+    # ------------------------------------------------------------------
+    def val_bits_per_byte(self) -> float:
+        """Bits per byte over a fixed packed slice of the held-out conversations (the same slice every time)."""
+        args, dist_info = self.args, self.dist
+        steps = eval_steps(args, dist_info.world_size, dist_info.device_type)
+        val_loader = PackedConversations(self.val_task, self.tokenizer, args.device_batch_size, args.max_seq_len,
+                                         dist_info.rank, dist_info.world_size, dist_info.device)
+        self.model.eval()
+        with autocast_context(dist_info.device_type):
+            bpb = evaluate_bpb(self.train_model, val_loader, steps, self.token_bytes)
+        self.model.train()
+        return bpb
+
+    def finish(self, losses: list[float]) -> dict:
+        print0(f"done: {self.meter.total_time / 60:.2f}m of training, min val bpb {self.min_val_bpb:.4f}")
+        start = self.start
+        get_report().log("Midtraining", [
+            self.user_config,
+            {"data": self.source, "start": f"{start['phase']}/{start['model_tag']} step {start['step']}",
+             "conversations": len(self.train_task), "num_iterations": self.num_iterations,
+             "world_size": self.dist.world_size, "grad_accum_steps": self.accum},
+            {"min_val_bpb": self.min_val_bpb, "final_val_bpb": self.val_bpb,
+             "training_time_min": self.meter.total_time / 60},
+        ])
+        self.wandb_run.finish()
+        return {"losses": losses, "val_bpb": self.val_bpb, "step": self.num_iterations,
+                "checkpoint_dir": self.checkpoint_dir, "data": self.source}
 
 
 if __name__ == "__main__":

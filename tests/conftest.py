@@ -1,7 +1,54 @@
-"""Test-session settings shared by every test file."""
+"""Test-session settings shared by every test file, and the helpers several test files use."""
 
+import os
+import socket
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+
+from nanochat.tokenizer import Tokenizer
 
 # Tiny models on a shared 2-core box: torch's default intra-op threads make each small op ~100x slower
 # through contention, so tests run single-threaded (subprocesses set OMP_NUM_THREADS themselves).
 torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------- shared test helpers
+# Import them as `from tests.conftest import ...`; test modules never import each other.
+
+WORDS = "the cat sat on a mat while thou art more lovely and more temperate rough winds do shake".split()
+
+
+def make_docs(num_docs: int, prefix: str) -> list[str]:
+    """Documents of very different lengths (some far longer than a row), each naming itself once."""
+    docs = []
+    for i in range(num_docs):
+        n = 3 + (i * 37) % 90
+        body = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(n))
+        docs.append(f"{prefix}{i:03d} {body}.")
+    return docs
+
+
+def make_corpus(base_dir, train_row_groups: int = 8, docs_per_group: int = 5, vocab_size: int = 300) -> None:
+    """Two train shards + one val shard under base_dir/base_data, and a tokenizer under base_dir/tokenizer."""
+    data_dir = os.path.join(base_dir, "base_data")
+    os.makedirs(data_dir, exist_ok=True)
+    train = make_docs(train_row_groups * docs_per_group, "doc")
+    half = len(train) // 2 // docs_per_group * docs_per_group
+    for i, docs in enumerate([train[:half], train[half:], make_docs(4 * docs_per_group, "val")]):
+        pq.write_table(pa.table({"text": docs}), os.path.join(data_dir, f"shard_{i:05d}.parquet"),
+                       row_group_size=docs_per_group)
+    Tokenizer.train_from_iterator(iter(train), vocab_size).save(os.path.join(base_dir, "tokenizer"))
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now (for torchrun's master or a test server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def closed_port_url(path: str = "") -> str:
+    """An http URL on a loopback port where nothing listens: connections are refused at once (no network)."""
+    return f"http://127.0.0.1:{free_port()}{path}"

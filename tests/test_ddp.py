@@ -6,24 +6,17 @@ averaged gradient, so per-step losses and the final val bpb agree up to float su
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from scripts import base_train
-from tests.test_dataloader import make_corpus
+from tests.conftest import free_port, make_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--depth=1", "--max-seq-len=16", "--device-batch-size=2", "--total-batch-size=64", "--num-iterations=4",
           "--eval-every=2", "--eval-tokens=128", "--core-metric-every=-1", "--sample-every=-1", "--device-type=cpu"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_log(path):

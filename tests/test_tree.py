@@ -1,6 +1,9 @@
 """Gist tree: alignment, incremental == batch build, amortized cost, RAM == disk, crash recovery."""
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -269,3 +272,92 @@ def test_disk_refuses_mismatched_or_damaged_trees(tmp_path):
         closed.append_tokens([1])
     with DiskTreeStore(str(tmp_path / "v"), 4, D, 1) as store, pytest.raises(ValueError, match="token ids"):
         store.append_tokens([-1])
+
+
+def test_write_failing_half_way_leaves_no_bytes_behind(tmp_path, monkeypatch):
+    """Disk full in the middle of an append: the half-written rows are cut off, the next append and a flush
+    keep the tree exact, and a reopen sees the same nodes."""
+    embed_fn, gist_fn = make_fns(4)
+    ids = ids_of(40)
+    path = str(tmp_path / "t")
+    tree = MegaContextTree(DiskTreeStore(path, 4, D, 2), embed_fn, gist_fn)
+    tree.append_tokens(ids[:10])
+    size_before = os.path.getsize(os.path.join(path, "level0.bin"))
+    real_pwrite = os.pwrite
+
+    def half_then_full(fd, data, offset):
+        if len(data) > 4:
+            real_pwrite(fd, bytes(data[: len(data) // 2]), offset)
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", half_then_full)
+    with pytest.raises(OSError, match="No space"):
+        tree.store.append_tokens(ids[10:20])
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    assert os.path.getsize(os.path.join(path, "level0.bin")) == size_before and tree.num_tokens == 10
+    tree.append_tokens(ids[10:])
+    tree.store.flush()
+    ref = MegaContextTree(RamTreeStore(4, D, 2), embed_fn, gist_fn)
+    ref.append_tokens(ids)
+    assert_same_tree(ref.store, tree.store, 2, atol=0)
+    tree.store.close()
+    reopened = DiskTreeStore(path, 4, D, 2)
+    assert reopened.recovered_bytes == 0
+    assert_same_tree(ref.store, reopened, 2, atol=0)
+    reopened.close()
+
+
+def test_tokens_flushed_without_their_gists_are_caught_up(tmp_path):
+    """A process that stored tokens and died before their gists: the next tree builds the missing gists at the
+    right indices (appending after them would misalign every later gist); without a gist_fn it refuses."""
+    embed_fn, gist_fn = make_fns(4)
+    ids = ids_of(90)
+    path = str(tmp_path / "t")
+    store = DiskTreeStore(path, 4, D, 2)
+    MegaContextTree(store, embed_fn, gist_fn).append_tokens(ids[:21])  # 5 level-1 gists, 1 level-2 gist
+    store.append_tokens(ids[21:70])  # tokens only: 17 complete blocks now, their gists never stored
+    store.close()
+    store = DiskTreeStore(path, 4, D, 2)
+    assert (store.num_nodes(1), store.num_nodes(2)) == (5, 1)
+    with pytest.raises(ValueError, match="lacks gists"):
+        MegaContextTree(store).append_tokens(ids[70:71])
+    tree = MegaContextTree(store, embed_fn, gist_fn)
+    assert tree.missing_gists() == {} and (store.num_nodes(1), store.num_nodes(2)) == (17, 4)
+    tree.append_tokens(ids[70:])
+    ref = MegaContextTree(RamTreeStore(4, D, 2), embed_fn, gist_fn)
+    ref.append_tokens(ids)
+    assert_same_tree(ref.store, store, 2, atol=0)
+    store.close()
+
+
+def test_counts_with_more_gists_than_blocks_are_refused(tmp_path):
+    path = str(tmp_path / "t")
+    with DiskTreeStore(path, 4, D, 1) as store:
+        store.append_tokens(list(range(8)))
+    meta_file = os.path.join(path, "metadata.json")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    meta["counts"] = [8, 3]  # 3 gists over 2 complete blocks
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match="only 2 complete blocks"):
+        DiskTreeStore(path, 4, D, 1)
+
+
+def test_reopen_removes_metadata_temp_files_of_a_killed_write(tmp_path):
+    path = tmp_path / "t"
+    with DiskTreeStore(str(path), 4, D, 1) as store:
+        store.append_tokens(list(range(8)))
+    # a process killed inside an atomic metadata write (after its temp file exists, before the rename)
+    code = ("import os, sys; from nanochat.common import atomic_open\n"
+            "cm = atomic_open(sys.argv[1], 'wb'); f = cm.__enter__(); f.write(b'half'); f.flush(); os._exit(1)")
+    subprocess.run([sys.executable, "-c", code, str(path / "metadata.json")], check=False,
+                   env={**os.environ, "PYTHONPATH": os.getcwd()})
+    temps = [n for n in os.listdir(path) if n.startswith(".tmp-")]
+    assert len(temps) == 1 and temps[0].endswith("metadata.json")
+    other = path / ".tmp-keep-other.json"  # not a metadata temp: left alone
+    other.write_text("{}")
+    store = DiskTreeStore(str(path), 4, D, 1)
+    assert sorted(n for n in os.listdir(path) if n.startswith(".")) == [other.name] and store.num_tokens == 8
+    store.close()

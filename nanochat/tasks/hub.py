@@ -13,11 +13,9 @@ server serving tiny files of the real column layout; it also serves machines tha
 
 import os
 import re
-import time
 
-import requests
-
-from nanochat.common import atomic_open, get_base_dir
+from nanochat.common import get_base_dir
+from nanochat.download import fetch, head_reachable
 from nanochat.tasks.base import (
     Task,
     check_letter,
@@ -36,34 +34,15 @@ def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
         return True, f"{MIRROR_ENV}={os.environ[MIRROR_ENV]}"
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False, "HF_HUB_OFFLINE is set"
-    endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT)
-    try:
-        response = requests.head(endpoint, timeout=timeout, allow_redirects=True)
-    except requests.RequestException as e:
-        return False, f"{endpoint} unreachable ({type(e).__name__})"
-    if response.status_code >= 500:
-        return False, f"{endpoint} answered HTTP {response.status_code}"
-    return True, endpoint
+    # the hub's front page may answer 4xx to a HEAD; only a server error or no answer means unreachable
+    return head_reachable(os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT), timeout, bad_status=500)
 
 
-def _fetch(url: str, dest: str, attempts: int = 3, timeout: float = 30.0) -> str:
-    """Download url to dest (atomically, with retries and backoff) unless dest already exists."""
-    if os.path.exists(dest):
-        return dest
-    for attempt in range(1, attempts + 1):
-        try:
-            with requests.get(url, stream=True, timeout=timeout) as r:
-                r.raise_for_status()
-                with atomic_open(dest, "wb") as f:
-                    for chunk in r.iter_content(chunk_size=1 << 20):
-                        f.write(chunk)
-            return dest
-        except requests.RequestException as e:
-            if attempt == attempts or (isinstance(e, requests.HTTPError) and e.response.status_code == 404):
-                raise FileNotFoundError(f"could not download {url}: {e}") from e
-            print(f"{url}: attempt {attempt}/{attempts} failed ({e}); retrying", flush=True)
-            time.sleep(2.0**attempt)
-    raise AssertionError("unreachable")
+def _fetch(url: str, dest: str) -> str:
+    """Download url to dest (atomically, with retries) unless dest already exists."""
+    if not os.path.exists(dest):
+        fetch(url, dest, max_attempts=3, label=url, not_found_hint=f"is {MIRROR_ENV} a mirror of that layout?")
+    return dest
 
 
 def _mirror_file(mirror: str, repo: str, config: str | None, split: str) -> str:

@@ -1,4 +1,4 @@
-"""Tests for nanochat.muon (orthogonalized updates) and nanochat.optim (gradient averaging over a real 2-process
+"""Tests for nanochat.muon (orthogonalized updates) and nanochat.grad_sync (gradient averaging over a real 2-process
 gloo group, parity of 1 process on the full batch with 2 processes on half batches)."""
 
 import os
@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.grad_sync import all_reduce_gradients
 from nanochat.muon import Muon, orthogonalize
-from nanochat.optim import all_reduce_gradients
 
 
 @pytest.fixture(autouse=True, scope="module")
