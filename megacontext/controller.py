@@ -37,8 +37,14 @@ from megacontext.mc_metrics import StepMetrics, percentile
 from megacontext.nets import AUX_KEY, MCNets, has_mc_nets
 from megacontext.telemetry import NoOpTelemetry, TelemetryProvider
 from megacontext.tree import MegaContextTree, RamTreeStore, build_gist_levels
-from megacontext.variants import sample_row_variants, shared_tail_mask, target_wc_length, wc_length_fraction
-from megacontext.wc_inputs import build_wc_batch, next_token_targets, stack_targets
+from megacontext.variants import (
+    sample_row_variants,
+    shared_tail_mask,
+    target_wc_length,
+    wc_length_fraction,
+    wc_targets,
+)
+from megacontext.wc_inputs import build_wc_batch, stack_targets
 
 TRAINER_KEY = "mc_trainer"  # aux-state entry with the LensNet EMAs (resume)
 ADAM_BETAS = (0.8, 0.95)
@@ -52,8 +58,8 @@ class VanillaObjective:
     def __init__(self, train_model):
         self.train_model = train_model
 
-    def __call__(self, x, y, step):
-        loss = self.train_model(x, y)
+    def __call__(self, x, y, step, reduction: str = "mean"):
+        loss = self.train_model(x, y, loss_reduction=reduction)
         return loss, loss
 
     def parameters(self) -> list:
@@ -106,11 +112,14 @@ class MCController:
         frac = wc_length_fraction(step / self.num_iterations, c.mc_train_wc_length)
         return target_wc_length(T, frac, c.block_size, c.mc_max_lod, self.tail)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int):
-        """(objective to backward, vanilla next-token loss) for one micro-batch x, y: Long[B, T]."""
-        vanilla = self.train_model(x, y)
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int, reduction: str = "mean"):
+        """(objective to backward, vanilla next-token loss) for one micro-batch x, y: Long[B, T] (y = -1 where not
+        supervised). reduction "sum" (chat stages): the vanilla loss summed over supervised tokens, the MC terms
+        (means) weighted by that count, so the objective keeps its per-token balance."""
+        vanilla = self.train_model(x, y, loss_reduction=reduction)
         out = self.variant_losses(x, y, step, train=True)
-        total = vanilla + out["variant_loss"] + self.cfg.mc_lens_loss_weight * out["lens_loss"] + out["regularisers"]
+        extra = out["variant_loss"] + self.cfg.mc_lens_loss_weight * out["lens_loss"] + out["regularisers"]
+        total = vanilla + (extra * (y >= 0).sum() if reduction == "sum" else extra)
         self.last_parts = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
         return total, vanilla
 
@@ -163,7 +172,7 @@ class MCController:
         with self.telemetry.span("build", into=timings), self._aux_precision():
             trees = self._build_trees(x)
         target = self.target_length(step)
-        x_np, next_np = x.cpu().numpy(), y[:, -1].cpu().numpy()
+        x_np, y_np = x.cpu().numpy(), y.cpu().numpy()
         rows = [sample_row_variants(x_np[b], self.variants_per_row, target, K, L, self.tail, step, self.seed)
                 for b in range(B)]
         n = self.variants_per_row
@@ -174,8 +183,7 @@ class MCController:
             batch = build_wc_batch(wcs, wc_trees, self.nets, self.model.embed, c.mc_positional,
                                    self.model.config.head_dim, self.device)
             W = batch.embeds.shape[1]
-            targets = stack_targets([next_token_targets(wc, tr, int(next_np[i // (n + 1)]))
-                                     for i, (wc, tr) in enumerate(zip(wcs, wc_trees))], W, self.device)
+            targets = stack_targets([wc_targets(wc, y_np[i // (n + 1)]) for i, wc in enumerate(wcs)], W, self.device)
             tail = torch.from_numpy(shared_tail_mask([len(wc) for wc in wcs], W, self.tail)).to(self.device)
         gpt_time = time.perf_counter()
         per_token = self.model(inputs_embeds=batch.embeds, rotary=batch.rotary, targets=targets,
@@ -185,7 +193,9 @@ class MCController:
         rand_t = torch.from_numpy(is_random).to(self.device)
         train_mask = valid & rand_t[:, None]
         variant_loss = (per_token * train_mask).sum() / train_mask.sum().clamp(min=1)
-        tail_loss = (per_token.detach() * tail).sum(1) / tail.sum(1)  # (N,)
+        tail = tail & valid  # chat data: unsupervised tail tokens do not count
+        tail_loss = (per_token.detach() * tail).sum(1) / tail.sum(1).clamp(min=1)  # (N,)
+        tail_loss = torch.where(tail.any(1), tail_loss, torch.full_like(tail_loss, float("nan")))  # NaN: no target
         with self.telemetry.span("lens", into=timings):
             lens_out = self._lens_terms(batch, wcs, is_random, tail_loss, B, n, step)
         ctrl_ms = (time.perf_counter() - t_start - gpt_time) * 1000.0
@@ -209,13 +219,19 @@ class MCController:
         with self._aux_precision():
             scores = self.nets.lensnet(batch.embeds[rand].detach(), batch.levels[rand], batch.indices[rand],
                                        mask).float()  # (B*n, W)
-        group = torch.arange(B).repeat_interleave(n)
-        membership = build_variant_membership(
-            [(torch.from_numpy(wcs[i].levels), torch.from_numpy(wcs[i].indices)) for i in np.flatnonzero(is_random)],
-            self.cfg.block_size, group)
-        labels = self.lens.normalised_losses(tail_loss[rand], group)
-        lens_loss, pred_delta, measured_delta = self.lens.pair_loss(scores, membership, labels)
         kl, budget = self.lens.regularisers(scores, mask)
+        # labels: variants whose shared tail has supervised tokens (all of them in pretraining)
+        labelled = np.flatnonzero(torch.isfinite(tail_loss[rand]).cpu().numpy())
+        if labelled.size == 0:
+            lens_loss, pred_delta, measured_delta = scores.sum() * 0.0, scores.new_zeros(0), scores.new_zeros(0)
+        else:
+            group = torch.arange(B).repeat_interleave(n)[labelled]
+            membership = build_variant_membership(
+                [(torch.from_numpy(wcs[i].levels), torch.from_numpy(wcs[i].indices))
+                 for i in np.flatnonzero(is_random)[labelled]], self.cfg.block_size, group)
+            sel = torch.from_numpy(labelled).to(self.device)
+            labels = self.lens.normalised_losses(tail_loss[rand][sel], group)
+            lens_loss, pred_delta, measured_delta = self.lens.pair_loss(scores[sel], membership, labels)
         report = self._refocus_report(wcs[0], scores[0, : len(wcs[0])], step)
         return {"lens_loss": lens_loss, "kl": kl, "budget": budget, "report": report,
                 "corr": -preference_correlation(pred_delta, measured_delta) if pred_delta.numel() else float("nan")}
@@ -242,18 +258,20 @@ class MCController:
         m, n = self.metrics, self.variants_per_row
         tl = tail_loss.view(-1, n + 1)  # (B, n + 1): random variants, then the baseline
         var_tail, trunc_tail = tl[:, :n], tl[:, n]
-        adv = trunc_tail[:, None] - var_tail  # (B, n)
+        adv = trunc_tail[:, None] - var_tail  # (B, n); NaN for rows without supervised tail tokens
+        ok = torch.isfinite(adv)
         m.add("mc/token_loss", float(variant_loss.detach()))
-        m.add("mc/tail_loss", float(var_tail.mean()))
-        m.add("mc/trunc_loss", float(trunc_tail.mean()))
-        lods = torch.tensor([r.max_levels for r in rows])  # (B, n)
+        if ok.any():
+            m.add("mc/tail_loss", float(var_tail[ok].mean()))
+            m.add("mc/trunc_loss", float(trunc_tail[ok.any(1)].mean()))
+            m.add("mc/adv_delta_mean", float(adv[ok].mean()))
+            m.add("mc/adv_delta_p95", percentile(adv[ok], 0.95))
+        lods = torch.tensor([r.max_levels for r in rows], device=ok.device)  # (B, n)
         for k in range(1, self.cfg.mc_max_lod + 1):
-            sel = lods == k
+            sel = (lods == k) & ok
             if sel.any():
-                m.add(f"mc/lod{k}_loss", float(var_tail.cpu()[sel].mean()), weight=int(sel.sum()))
+                m.add(f"mc/lod{k}_loss", float(var_tail[sel].mean()), weight=int(sel.sum()))
         m.add("mc/lens_loss", float(lens_out["lens_loss"].detach()))
-        m.add("mc/adv_delta_mean", float(adv.mean()))
-        m.add("mc/adv_delta_p95", percentile(adv, 0.95))
         m.add("mc/preference_corr_mean", lens_out["corr"])
         m.add("mc/swap_rate", lens_out["report"].swap_rate)
         m.add("mc/residency", 1.0 - lens_out["report"].swap_rate)

@@ -10,7 +10,8 @@ from megacontext.config import MCConfig
 from megacontext.controller import MCController, VanillaObjective, config_for_checkpoint, training_objective
 from megacontext.lens_training import LensObjective, hard_negative_pairs, policy_kl_to_neutral
 from megacontext.lensnet import preference_correlation
-from megacontext.variants import START_FRACTION, wc_length_fraction
+from megacontext.variants import START_FRACTION, wc_length_fraction, wc_targets
+from megacontext.wc_inputs import next_token_targets
 from nanochat.gpt import GPT, GPTConfig
 
 K, T, B = 4, 64, 2
@@ -215,3 +216,24 @@ def test_without_mc_the_objective_is_the_vanilla_loss():
     x, y = _batch()
     total, vanilla = obj(x, y, 0)
     torch.testing.assert_close(total, model(x, y))
+
+
+def test_variant_targets_follow_y_so_chat_masks_apply():
+    ctrl = _controller()
+    x, _ = _batch()
+    nxt = torch.randint(0, 256, (B, 1))
+    y = torch.cat([x[:, 1:], nxt], dim=1)  # pretraining: y is x shifted
+    out = ctrl.variant_losses(x, y, 0, True)
+    trees = ctrl._build_trees(x)
+    n = ctrl.variants_per_row + 1
+    for i, wc in enumerate(out["wcs"]):
+        b = i // n
+        expected = next_token_targets(wc, trees[b], int(nxt[b, 0]))
+        assert (wc_targets(wc, y[b].numpy()) == expected).all()
+    masked = y.clone()
+    masked[0, :] = -1  # row 0 supervises nothing (e.g. a user turn in SFT): no tail labels from it
+    out = ctrl.variant_losses(x, masked, 0, True)
+    assert torch.isnan(out["tail_loss"][:n]).all() and torch.isfinite(out["tail_loss"][n:]).all()
+    total, _ = ctrl(x, masked, 0, reduction="sum")
+    total.backward()
+    assert torch.isfinite(total)
