@@ -39,6 +39,7 @@ RUN="${WANDB_RUN:-dummy}"
 if [ "$gpu" = cpu ]; then
   # The CPU profile: a depth-4 model on Shakespeare + offline chat data, small enough for 2 cores.
   TAG=d4$MC_SUFFIX
+  mc_chat_stage_args "$TAG"
   stage_data_embedded
   stage_tokenizer
   stage_train "base_train$MC_SUFFIX" base "$TAG" python -m scripts.base_train --run="$RUN" --depth=4 --max-seq-len=256 \
@@ -48,14 +49,15 @@ if [ "$gpu" = cpu ]; then
   stage_once base_eval python -m scripts.base_eval --eval=core,bpb,sample --core-source=offline --max-per-task=50
   stage_train "mid_train$MC_SUFFIX" mid "$TAG" python -m scripts.mid_train --run="$RUN" --data=offline --max-seq-len=256 \
     --device-batch-size=8 --total-batch-size=2048 --num-iterations=40 --eval-every=-1 --eval-tokens=8192 \
-    --save-every=20 "${MC_STAGE_ARGS[@]+"${MC_STAGE_ARGS[@]}"}"
+    --save-every=20 "${MC_CHAT_ARGS[@]+"${MC_CHAT_ARGS[@]}"}"
   stage_train "chat_sft$MC_SUFFIX" sft "$TAG" python -m scripts.chat_sft --run="$RUN" --data=offline --max-seq-len=256 \
     --device-batch-size=8 --target-examples-per-step=16 --num-iterations=30 --eval-every=-1 --eval-steps=4 \
-    --save-every=15 "${MC_STAGE_ARGS[@]+"${MC_STAGE_ARGS[@]}"}"
+    --save-every=15 "${MC_CHAT_ARGS[@]+"${MC_CHAT_ARGS[@]}"}"
   stage_once chat_eval python -m scripts.chat_eval -i sft --data=offline -x 50
 else
   # One GPU, depth 12 (~3 B tokens at the default data:param ratio); the H100 fits twice the device batch.
   TAG=d12$MC_SUFFIX
+  mc_chat_stage_args "$TAG"
   if [ "$gpu" = h100 ]; then DBS=32; else DBS=16; fi
   stage_data_download 8 240
   stage_tokenizer --vocab-size=65536
@@ -65,9 +67,9 @@ else
   stage_once base_loss python -m scripts.base_loss
   stage_once base_eval python -m scripts.base_eval
   stage_train "mid_train$MC_SUFFIX" mid "$TAG" python -m scripts.mid_train --run="$RUN" --device-batch-size="$DBS" --save-every=500 \
-    "${MC_STAGE_ARGS[@]+"${MC_STAGE_ARGS[@]}"}"
+    "${MC_CHAT_ARGS[@]+"${MC_CHAT_ARGS[@]}"}"
   stage_train "chat_sft$MC_SUFFIX" sft "$TAG" python -m scripts.chat_sft --run="$RUN" --save-every=500 \
-    "${MC_STAGE_ARGS[@]+"${MC_STAGE_ARGS[@]}"}"
+    "${MC_CHAT_ARGS[@]+"${MC_CHAT_ARGS[@]}"}"
   stage_once chat_eval python -m scripts.chat_eval -i sft
 fi
 

@@ -48,6 +48,7 @@ from megacontext.wc_inputs import build_wc_batch, stack_targets
 
 TRAINER_KEY = "mc_trainer"  # aux-state entry with the LensNet EMAs (resume)
 ADAM_BETAS = (0.8, 0.95)
+MIN_TAIL_MULTIPLE = 4  # sequences shorter than 4 × the shared raw tail leave nothing worth compressing
 
 
 class VanillaObjective:
@@ -107,8 +108,8 @@ class MCController:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.nets.parameters() if p.requires_grad]
 
-    def target_length(self, step: int) -> int:
-        T, c = self.model.config.sequence_len, self.cfg
+    def target_length(self, step: int, seq_len: int | None = None) -> int:
+        T, c = seq_len or self.model.config.sequence_len, self.cfg
         frac = wc_length_fraction(step / self.num_iterations, c.mc_train_wc_length)
         return target_wc_length(T, frac, c.block_size, c.mc_max_lod, self.tail)
 
@@ -117,6 +118,8 @@ class MCController:
         supervised). reduction "sum" (chat stages): the vanilla loss summed over supervised tokens, the MC terms
         (means) weighted by that count, so the objective keeps its per-token balance."""
         vanilla = self.train_model(x, y, loss_reduction=reduction)
+        if x.shape[1] < MIN_TAIL_MULTIPLE * self.tail:  # too short to compress (short chat batches): vanilla only
+            return vanilla, vanilla
         out = self.variant_losses(x, y, step, train=True)
         extra = out["variant_loss"] + self.cfg.mc_lens_loss_weight * out["lens_loss"] + out["regularisers"]
         total = vanilla + (extra * (y >= 0).sum() if reduction == "sum" else extra)
@@ -171,7 +174,7 @@ class MCController:
         t_start = time.perf_counter()
         with self.telemetry.span("build", into=timings), self._aux_precision():
             trees = self._build_trees(x)
-        target = self.target_length(step)
+        target = self.target_length(step, T)
         x_np, y_np = x.cpu().numpy(), y.cpu().numpy()
         rows = [sample_row_variants(x_np[b], self.variants_per_row, target, K, L, self.tail, step, self.seed)
                 for b in range(B)]

@@ -73,3 +73,16 @@ def percentile(values: torch.Tensor, q: float) -> float:
     if values.numel() == 0:
         return float("nan")
     return float(torch.quantile(values.detach().double().flatten(), q))
+
+
+def progress_note(metrics: dict, prefix: str = "mc/") -> str:
+    """The MC part of a progress or eval line ("" without MC metrics): variant loss, tail loss vs the truncation
+    baseline, preference correlation, controller ms."""
+    if f"{prefix}token_loss" not in metrics:
+        return ""
+    line = f" | mc: {metrics[prefix + 'token_loss']:.4f}"
+    if prefix + "tail_loss" in metrics:
+        line += f" tail {metrics[prefix + 'tail_loss']:.4f} vs trunc {metrics[prefix + 'trunc_loss']:.4f}"
+    corr = metrics.get(prefix + "preference_corr_mean")
+    line += "" if corr is None else f" | pref corr {corr:+.2f}"
+    return line + f" | ctrl: {metrics[prefix + 'time_controller_ms']:.0f}ms"

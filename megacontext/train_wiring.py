@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 from megacontext.config import MCConfig
 from megacontext.controller import MCController, config_for_checkpoint, training_objective
-from megacontext.nets import has_mc_nets
+from megacontext.nets import has_mc_nets, mc_model_tag
 from megacontext.telemetry import JsonlTelemetry, TelemetryProvider, telemetry_from_env
 from megacontext.variants import START_FRACTION
 
 SERVICE_NAME = "megacontext-train"
+PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints"}
 
 
 def training_telemetry(jsonl_path: str | None = None, env=None) -> TelemetryProvider:
@@ -77,3 +78,19 @@ def objective_for_run(cfg: MCConfig, model, train_model, num_iterations: int, se
             message = "--mc: the checkpoint has no MegaContext nets (a vanilla model): GistNet, LensNet and the " \
                       "level embedding start fresh"
     return ctrl, message
+
+
+def stage_objective(cfg: MCConfig, model, train_model, model_tag: str, start: dict, num_iterations: int, seed: int,
+                    telemetry_jsonl: str | None = None):
+    """(objective, model tag to save under, message) for mid_train / chat_sft. `start` says which checkpoint the
+    model came from ({"phase": base|mid|sft, "model_tag", "step"}); under --mc its MC nets continue (or start fresh
+    from a vanilla checkpoint), and the stage saves under the MC tag so it never overwrites a vanilla run."""
+    if not cfg.mc:
+        return training_objective(cfg, model, train_model, num_iterations), model_tag, ""
+    from nanochat.checkpoint_manager import load_checkpoint
+    from nanochat.common import get_base_dir
+
+    checkpoint_dir = os.path.join(get_base_dir(), PHASE_DIRS[start["phase"]], start["model_tag"])
+    _, _, meta, aux = load_checkpoint(checkpoint_dir, start["step"], "cpu")
+    objective, message = objective_for_run(cfg, model, train_model, num_iterations, seed, telemetry_jsonl, meta, aux)
+    return objective, mc_model_tag(model_tag), message

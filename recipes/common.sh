@@ -107,6 +107,8 @@ run_multi_gpu_recipe() {
   local depth="$1" shards="$2" dbs="$3"
   mc_stage_args
   local tag="d$depth$MC_SUFFIX" mc=("${MC_STAGE_ARGS[@]+"${MC_STAGE_ARGS[@]}"}")
+  mc_chat_stage_args "$tag"
+  local mc_chat=("${MC_CHAT_ARGS[@]+"${MC_CHAT_ARGS[@]}"}")
   local torchrun=(torchrun --standalone --nproc_per_node="${NPROC:-8}")
   recipe_setup --gpu
   local run="${WANDB_RUN:-dummy}"
@@ -118,9 +120,9 @@ run_multi_gpu_recipe() {
   stage_once base_loss "${torchrun[@]}" -m scripts.base_loss
   stage_once base_eval "${torchrun[@]}" -m scripts.base_eval
   stage_train "mid_train$MC_SUFFIX" mid "$tag" "${torchrun[@]}" -m scripts.mid_train -- --run="$run" \
-    --device-batch-size="$dbs" --save-every=500 "${mc[@]+"${mc[@]}"}"
+    --device-batch-size="$dbs" --save-every=500 "${mc_chat[@]+"${mc_chat[@]}"}"
   stage_train "chat_sft$MC_SUFFIX" sft "$tag" "${torchrun[@]}" -m scripts.chat_sft -- --run="$run" --save-every=500 \
-    "${mc[@]+"${mc[@]}"}"
+    "${mc_chat[@]+"${mc_chat[@]}"}"
   stage_once chat_eval "${torchrun[@]}" -m scripts.chat_eval -- -i sft
   python -m scripts.chat_cli -p "Why is the sky blue?"
   stage_report
@@ -182,4 +184,10 @@ mc_stage_args() {
     MC_STAGE_ARGS=()
     MC_SUFFIX=""
   fi
+}
+
+# mc_chat_stage_args TAG: MC_STAGE_ARGS plus, under --mc, the MC model tag mid / SFT start from and save under.
+mc_chat_stage_args() {
+  MC_CHAT_ARGS=("${MC_STAGE_ARGS[@]+"${MC_STAGE_ARGS[@]}"}")
+  if [ "$MC" = 1 ]; then MC_CHAT_ARGS+=(--model-tag="$1"); fi
 }

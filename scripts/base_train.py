@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megacontext.config import MCConfig, add_mc_args
+from megacontext.mc_metrics import progress_note
 from megacontext.nets import mc_model_tag
 from megacontext.train_wiring import auto_batch, objective_for_run
 from nanochat.checkpoint_manager import list_steps, load_checkpoint
@@ -323,7 +324,7 @@ def run_eval(run: Run, step: int) -> None:
         mc_val = run.objective.evaluate(run.val_batches, step)  # {} without --mc
     run.model.train()
     run.min_val_bpb = run.val_bpb if run.min_val_bpb is None else min(run.min_val_bpb, run.val_bpb)
-    print0(f"step {step:05d} | val bpb: {run.val_bpb:.4f}" + format_mc(mc_val, "mc_val/"))
+    print0(f"step {step:05d} | val bpb: {run.val_bpb:.4f}" + progress_note(mc_val, "mc_val/"))
     run.wandb_run.log({"step": step, "val/bpb": run.val_bpb, **mc_val})
     run.loss_log.write(step=step, val_bpb=run.val_bpb, **mc_val)
 
@@ -381,17 +382,6 @@ def finish(run: Run) -> dict:
             "step": run.num_iterations, "checkpoint_dir": run.checkpoint_dir, "samples": run.samples}
 
 
-def format_mc(metrics: dict, prefix: str) -> str:
-    """The MC part of a progress / eval line ("" without --mc)."""
-    if f"{prefix}token_loss" not in metrics:
-        return ""
-    line = f" | mc: {metrics[prefix + 'token_loss']:.4f} tail {metrics[prefix + 'tail_loss']:.4f} vs trunc " \
-           f"{metrics[prefix + 'trunc_loss']:.4f}"
-    corr = metrics.get(prefix + "preference_corr_mean")
-    line += "" if corr is None else f" | pref corr {corr:+.2f}"
-    return line + f" | ctrl: {metrics[prefix + 'time_controller_ms']:.0f}ms"
-
-
 def train_step(args, step: int, run: Run) -> StepResult:
     """One optimizer step over `accum` micro-batches; the loss is averaged over all ranks."""
     lrm = lr_multiplier(step, run.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
@@ -417,7 +407,7 @@ def train_step(args, step: int, run: Run) -> StepResult:
         loss_avg /= run.dist.world_size
     loss_value, grad_norm_value = loss_avg.item(), grad_norm.item()  # .item() waits for the GPU: dt is honest
     mc = run.objective.step_metrics()  # {} without --mc
-    return StepResult(loss_value, lrm, grad_norm_value, epoch=run.loader.epoch, logs=mc, note=format_mc(mc, "mc/"))
+    return StepResult(loss_value, lrm, grad_norm_value, epoch=run.loader.epoch, logs=mc, note=progress_note(mc))
 
 
 if __name__ == "__main__":
