@@ -20,6 +20,8 @@ Per micro-batch (each row of x is one sequence of max_seq_len tokens, y the next
 5. refocuses one sampled WC with the allocator on LensNet's scores to report swap rate and residency.
 Objective: vanilla full-sequence loss + MC variant loss + `--mc_lens_loss_weight` × lens loss (+ the weighted
 LensNet regularisers). It returns data and never prints; telemetry events go to the provider it was given.
+Trees are built in RAM whatever `--mc_tree` says: they hold the autograd graph back to GistNet and live for one
+micro-batch. `--mc_tree` is recorded with the nets and chooses the store of inference sessions.
 """
 
 import contextlib
@@ -237,7 +239,8 @@ class MCController:
             lens_loss, pred_delta, measured_delta = self.lens.pair_loss(scores[sel], membership, labels)
         report = self._refocus_report(wcs[0], scores[0, : len(wcs[0])], step)
         return {"lens_loss": lens_loss, "kl": kl, "budget": budget, "report": report,
-                "corr": -preference_correlation(pred_delta, measured_delta) if pred_delta.numel() else float("nan")}
+                "corr": -preference_correlation(pred_delta, measured_delta) if pred_delta.numel() else float("nan"),
+                "delta_rms": float(measured_delta.square().mean().sqrt()) if measured_delta.numel() else float("nan")}
 
     def _refocus_report(self, wc, scores, step):
         """One allocator pass over a sampled WC with LensNet's scores, budget = that WC's own length."""
@@ -276,6 +279,7 @@ class MCController:
                 m.add(f"mc/lod{k}_loss", float(var_tail[sel].mean()), weight=int(sel.sum()))
         m.add("mc/lens_loss", float(lens_out["lens_loss"].detach()))
         m.add("mc/preference_corr_mean", lens_out["corr"])
+        m.add("mc/pair_delta_rms", lens_out["delta_rms"])
         m.add("mc/swap_rate", lens_out["report"].swap_rate)
         m.add("mc/residency", 1.0 - lens_out["report"].swap_rate)
         m.add("mc/target_wc_length", target)

@@ -14,6 +14,8 @@ Definitions (all losses in nats per target token):
   difference (−Δ predicted loss) and the measured ΔNLL. −1: LensNet ranks variants exactly as the measured losses
   do; 0: no relation; > 0: backwards;
 - `mc/lens_loss`: the Bradley–Terry fit (0 = predicted and measured differences agree);
+- `mc/pair_delta_rms`: RMS of the measured tail-loss differences between variants of a row (the scale
+  `--mc_lens_temperature` should match; normalised units under `--mc_lens_adv_norm_beta`);
 - `mc/variants_total`: WCs run through the GPT this step (random variants + baselines, all processes);
 - `mc/swap_rate`, `mc/residency`: share of a WC's entries the allocator replaces when it refocuses a sampled
   variant with LensNet's scores, and the share it keeps (1 − swap rate);
@@ -34,7 +36,7 @@ def metric_names(max_level: int) -> list[str]:
     return (["mc/token_loss", "mc/tail_loss", "mc/trunc_loss"]
             + [f"mc/lod{k}_loss" for k in range(1, max_level + 1)]
             + ["mc/lens_loss", "mc/adv_delta_mean", "mc/adv_delta_p95", "mc/preference_corr_mean",
-               "mc/swap_rate", "mc/residency", "mc/target_wc_length", *TOTALS, *PER_PROCESS])
+               "mc/pair_delta_rms", "mc/swap_rate", "mc/residency", "mc/target_wc_length", *TOTALS, *PER_PROCESS])
 
 
 class StepMetrics:

@@ -237,3 +237,14 @@ def test_variant_targets_follow_y_so_chat_masks_apply():
     total, _ = ctrl(x, masked, 0, reduction="sum")
     total.backward()
     assert torch.isfinite(total)
+
+
+def test_allocator_knobs_shape_the_refocus_report():
+    x, y = _batch()
+    reports = {}
+    for name, knobs in {"eager": {"allocator_expand_threshold": 0.0, "allocator_collapse_threshold": 0.0},
+                        "frozen": {"allocator_expand_threshold": 1e9, "allocator_collapse_threshold": -1e9}}.items():
+        ctrl = _controller(**knobs)
+        ctrl.variant_losses(x, y, 0, True)
+        reports[name] = ctrl.step_metrics()["mc/swap_rate"]
+    assert reports["frozen"] == 0.0 and reports["eager"] > 0.0
