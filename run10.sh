@@ -28,7 +28,7 @@ check_mc_options
 mc_stage_args
 case "$gpu" in
   cpu) setup_flag=--cpu ;;
-  5090|h100) setup_flag=--gpu ;;
+  5090|h100) setup_flag=--gpu; require_gpus 1 "run10.sh --gpu $gpu" ;;
   "") die "say which hardware: --gpu cpu | --gpu 5090 | --gpu h100" ;;
   *) die "unknown --gpu '$gpu' (expected 5090, h100 or cpu)" ;;
 esac
@@ -42,8 +42,8 @@ if [ "$gpu" = cpu ]; then
   mc_chat_stage_args "$TAG"
   stage_data_embedded
   stage_tokenizer
-  stage_train "base_train$MC_SUFFIX" base "$TAG" python -m scripts.base_train --run="$RUN" --depth=4 --max-seq-len=256 \
-    --device-batch-size=8 --total-batch-size=2048 --num-iterations=400 --warmdown-ratio=0.5 \
+  stage_train "base_train$MC_SUFFIX" base "$TAG" python -m scripts.base_train --run="$RUN" --depth=4 \
+    --max-seq-len=256 --device-batch-size=8 --total-batch-size=2048 --num-iterations=400 --warmdown-ratio=0.5 \
     --eval-every=100 --eval-tokens=16384 --sample-every=400 --save-every=100 --core-metric-every=-1 \
     "${MC_STAGE_ARGS[@]+"${MC_STAGE_ARGS[@]}"}"
   stage_once base_eval python -m scripts.base_eval --eval=core,bpb,sample --core-source=offline --max-per-task=50
@@ -53,7 +53,7 @@ if [ "$gpu" = cpu ]; then
   stage_train "chat_sft$MC_SUFFIX" sft "$TAG" python -m scripts.chat_sft --run="$RUN" --data=offline --max-seq-len=256 \
     --device-batch-size=8 --target-examples-per-step=16 --num-iterations=30 --eval-every=-1 --eval-steps=4 \
     --save-every=15 "${MC_CHAT_ARGS[@]+"${MC_CHAT_ARGS[@]}"}"
-  stage_once chat_eval python -m scripts.chat_eval -i sft --data=offline -x 50
+  stage_once chat_eval python -m scripts.chat_eval -i sft --run="$RUN" --data=offline -x 50
 else
   # One GPU, depth 12 (~3 B tokens at the default data:param ratio); the H100 fits twice the device batch.
   TAG=d12$MC_SUFFIX
@@ -66,11 +66,11 @@ else
     --device-batch-size="$DBS" --save-every=1000 "${MC_STAGE_ARGS[@]+"${MC_STAGE_ARGS[@]}"}"
   stage_once base_loss python -m scripts.base_loss
   stage_once base_eval python -m scripts.base_eval
-  stage_train "mid_train$MC_SUFFIX" mid "$TAG" python -m scripts.mid_train --run="$RUN" --device-batch-size="$DBS" --save-every=500 \
-    "${MC_CHAT_ARGS[@]+"${MC_CHAT_ARGS[@]}"}"
+  stage_train "mid_train$MC_SUFFIX" mid "$TAG" python -m scripts.mid_train --run="$RUN" --device-batch-size="$DBS" \
+    --save-every=500 "${MC_CHAT_ARGS[@]+"${MC_CHAT_ARGS[@]}"}"
   stage_train "chat_sft$MC_SUFFIX" sft "$TAG" python -m scripts.chat_sft --run="$RUN" --save-every=500 \
     "${MC_CHAT_ARGS[@]+"${MC_CHAT_ARGS[@]}"}"
-  stage_once chat_eval python -m scripts.chat_eval -i sft
+  stage_once chat_eval python -m scripts.chat_eval -i sft --run="$RUN"
 fi
 
 python -m scripts.chat_cli -p "Why is the sky blue?"

@@ -19,6 +19,8 @@ import re
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from nanochat.common import atomic_open, get_base_dir
 
@@ -161,18 +163,37 @@ def resolve_checkpoint(source: str, model_tag: str | None = None, step: int | No
     return checkpoint_dir, step
 
 
+class _SkipWeightInit(TorchFunctionMode):
+    """Inside this mode the weight initialisers (nn.init.*, Tensor.normal_ / uniform_ / zero_ / fill_ ...) do
+    nothing: a model about to receive a checkpoint's weights does not need them."""
+
+    SKIPPED = frozenset([
+        nn.init.normal_, nn.init.uniform_, nn.init.trunc_normal_, nn.init.kaiming_uniform_, nn.init.kaiming_normal_,
+        nn.init.xavier_uniform_, nn.init.xavier_normal_, nn.init.zeros_, nn.init.ones_, nn.init.constant_,
+        nn.init.orthogonal_, torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_,
+    ])
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SKIPPED:  # return the tensor untouched, as the in-place initialisers return it
+            return args[0] if args else kwargs["tensor"]  # nn.init passes it by keyword
+        return func(*args, **kwargs)
+
+
 def build_model(model_state: dict, meta: dict, device, phase: str):
-    """A GPT built from meta["model_config"] with the saved weights, on `device`, in eval or train mode."""
+    """A GPT built from meta["model_config"] with the saved weights, on `device`, in eval or train mode.
+
+    The model is allocated on `device` with its initialisers skipped, then the weights are copied in. (Not on the
+    meta device: meta tensors' random and arange ops run through torch._refs, whose first call imports the whole
+    compiler stack, torch._dynamo and sympy: seconds before a one-shot `chat_cli -p` could print anything.)"""
     from nanochat.gpt import GPT, GPTConfig
 
     if phase not in ("eval", "train"):
         raise ValueError(f"phase must be 'eval' or 'train', got {phase!r}")
     config = GPTConfig(**meta["model_config"])
-    with torch.device("meta"):
-        model = GPT(config)  # no memory, no init work: every weight is overwritten below
-    model.to_empty(device=device)
-    model.init_weights()  # fills the derived, non-persistent rotary tables
-    model.load_state_dict(model_state, strict=True)
+    with torch.device(device), _SkipWeightInit():
+        model = GPT(config)  # memory allocated, weights not initialised; the derived rotary tables are computed
+    model.load_state_dict(model_state, strict=True)  # strict: every weight and persistent buffer is overwritten
     model.train(phase == "train")
     return model
 

@@ -4,6 +4,7 @@ Every script gets rank, world size and device from `compute_init()` and nowhere 
 same way as one CPU process or as `torchrun --nproc_per_node=N` on GPUs (NCCL) or CPUs (gloo).
 """
 
+import argparse
 import json
 import logging
 import os
@@ -46,6 +47,15 @@ def resolve_device_type(device_type: str | None) -> str:
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise ValueError("--device-type=mps was asked for but MPS is not available; use --device-type=cpu")
     return device_type
+
+
+def device_type_flag(value: str) -> str:
+    """argparse `type` of --device-type: the resolved device ('' -> autodetected, so logs and reports name it);
+    a device this machine lacks is a usage error whose message says what to use (no traceback)."""
+    try:
+        return resolve_device_type(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def compute_dtype(device_type: str) -> torch.dtype:
@@ -198,15 +208,16 @@ def atomic_open(path: str, mode: str = "wb"):
 
 def strip_separator(argv: list[str] | None = None) -> list[str]:
     """The script's arguments without a leading '--': `torchrun ... -m scripts.X -- --flag` and nanochat's
-    documented `python -m scripts.chat_eval -- -i sft` pass it on, and argparse would take every flag after it as positional.
-    None means the command line (sys.argv[1:])."""
+    documented `python -m scripts.chat_eval -- -i sft` pass it on, and argparse would take every flag after it
+    as positional. None means the command line (sys.argv[1:])."""
     if argv is None:
         argv = sys.argv[1:]
     return argv[1:] if argv and argv[0] == "--" else list(argv)
 
 
 def add_flag(parser, name: str, *aliases: str, **kwargs):
-    """Register `--some-flag` so that `--some_flag` works too (nanochat users type both spellings)."""
+    """Register `--some-flag` so that `--some_flag` works too (nanochat users type both spellings), and show its
+    default in --help (unless the help text already says what the default means, e.g. "(default: autodetect)")."""
     if not name.startswith("--"):
         raise ValueError(f"add_flag is for long options, got {name!r}")
     spellings = [name, *aliases]
@@ -215,7 +226,16 @@ def add_flag(parser, name: str, *aliases: str, **kwargs):
         if spelled not in spellings:
             spellings.append(spelled)
     kwargs.setdefault("dest", stem.replace("-", "_"))
+    kwargs["help"] = _help_with_default(kwargs.get("help"), kwargs.get("default"), kwargs.get("action"))
     return parser.add_argument(*spellings, **kwargs)
+
+
+def _help_with_default(help_text: str | None, default, action) -> str | None:
+    if help_text is not None and ("(default" in help_text or "%(default)" in help_text or help_text == argparse.SUPPRESS):
+        return help_text
+    if default in (None, "", argparse.SUPPRESS) or action in ("store_true", "store_false", "help", "version"):
+        return help_text
+    return f"{help_text} (default: %(default)s)" if help_text else "default: %(default)s"
 
 
 def str2bool(value: str | bool) -> bool:

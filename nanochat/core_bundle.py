@@ -14,9 +14,9 @@ the unpacked bundle (the zip may hold it at its root or inside one top-level fol
         language_modeling  {"context", "continuation"}
 
 The download goes through nanochat.download (retried with backoff on 5xx, 408/429, dropped connections,
-truncated bodies, corrupt zips; written atomically); the zip is checked, unpacked into a temp folder, validated with `load_bundle`, and only then renamed
-to `eval_bundle/`: that folder exists exactly when a complete bundle is there. `nanochat.core_offline` writes
-its generated tasks in this same layout, so one loader serves both.
+truncated bodies, corrupt zips; written atomically); the zip is checked, unpacked into a temp folder, validated
+with `load_bundle`, and only then renamed to `eval_bundle/`: that folder exists exactly when a complete bundle
+is there. `nanochat.core_offline` writes its generated tasks in this same layout, so one loader serves both.
 """
 
 import argparse
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from nanochat.common import ATOMIC_TEMP_PREFIX, get_base_dir
+from nanochat.common import ATOMIC_TEMP_PREFIX, add_flag, get_base_dir
 from nanochat.download import RetryableError, fetch, head_reachable
 
 DEFAULT_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -256,8 +256,8 @@ def download_bundle(url: str | None = None, bundle_dir: str | None = None, max_a
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(prog=DOWNLOAD_CMD, description="Download and unpack the CORE eval bundle.")
-    parser.add_argument("--url", default=None, help=f"zip to fetch (default ${BUNDLE_URL_ENV} or {DEFAULT_BUNDLE_URL})")
-    parser.add_argument("--max-attempts", type=int, default=5, help="tries before giving up")
+    add_flag(parser, "--url", default=None, help=f"zip to fetch (default ${BUNDLE_URL_ENV} or {DEFAULT_BUNDLE_URL})")
+    add_flag(parser, "--max-attempts", type=int, default=5, help="tries before giving up")
     args = parser.parse_args(argv)
     path = download_bundle(args.url, max_attempts=args.max_attempts)
     tasks = load_bundle(path)

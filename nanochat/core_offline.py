@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from nanochat.common import atomic_write_bytes, get_base_dir, read_json
+from nanochat.common import add_flag, atomic_write_bytes, get_base_dir, read_json
 from nanochat.core_bundle import CONFIG_FILE, DATA_DIR, META_FILE, bundle_present, load_bundle
 
 GENERATOR_VERSION = 1
@@ -278,7 +278,8 @@ def ensure_offline_bundle(texts: list[str] | None = None, bundle_dir: str | None
     """The offline bundle folder, (re)generated when missing or made from other texts / settings."""
     bundle_dir = bundle_dir or default_offline_dir()
     texts = source_texts(printer) if texts is None else texts
-    if bundle_present(bundle_dir) and read_json(os.path.join(bundle_dir, MANIFEST_FILE)) == _fingerprint(texts, per_task, seed):
+    manifest = read_json(os.path.join(bundle_dir, MANIFEST_FILE))
+    if bundle_present(bundle_dir) and manifest == _fingerprint(texts, per_task, seed):
         return bundle_dir
     write_offline_bundle(texts, bundle_dir, per_task, seed)
     printer(f"offline CORE tasks written to {bundle_dir} ({len(OFFLINE_TASKS)} tasks × {per_task} examples)")
@@ -287,8 +288,8 @@ def ensure_offline_bundle(texts: list[str] | None = None, bundle_dir: str | None
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(prog="python -m nanochat.core_offline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--per-task", type=int, default=EXAMPLES_PER_TASK, help="examples per task")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="generation seed")
+    add_flag(parser, "--per-task", type=int, default=EXAMPLES_PER_TASK, help="examples per task")
+    add_flag(parser, "--seed", type=int, default=DEFAULT_SEED, help="generation seed")
     args = parser.parse_args(argv)
     if args.per_task < 1:
         parser.error("--per-task must be >= 1")

@@ -166,8 +166,10 @@ def parquet_problem(path: str) -> str | None:
 
 def check_host_reachable(base_url: str, timeout: float = 5.0) -> None:
     """Fail in seconds, not after minutes of retries, when the data host (or the proxy) cannot be reached."""
-    check_connectable(base_url, timeout, hint=f"If this machine is offline, build the embedded default corpus "
-                      f"instead: `{EMBEDDED_CMD}` (or point ${DATA_URL_ENV} at a reachable mirror)")
+    check_connectable(base_url, timeout, hint=(
+        f"The GPU recipes need these shards: point ${DATA_URL_ENV} at a mirror this machine can reach (same file "
+        f"names, {shard_name(0)} ...), or copy the shards into {download_dir()}. Without them, the CPU profile "
+        f"trains on the embedded corpus: `bash run10.sh --gpu cpu` (or build it alone: `{EMBEDDED_CMD}`)"))
 
 
 def _remove_stale_temps(directory: str, max_age_s: float = STALE_TEMP_SECONDS) -> None:

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 
-from nanochat.common import atomic_open, get_base_dir, is_master_process
+from nanochat.common import add_flag, atomic_open, get_base_dir, is_master_process
 
 # The order stages appear in the final report; unknown sections follow in file-name order.
 SECTION_ORDER = [
@@ -140,7 +140,7 @@ class Report:
         final = os.path.join(self.report_dir, "report.md")
         with atomic_open(final, "w") as f:
             f.write(text)
-        if out_path:
+        if out_path and os.path.abspath(out_path) != os.path.abspath(final):  # run from the base dir: same file
             os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
             shutil.copyfile(final, out_path)
         return out_path or final
@@ -153,7 +153,7 @@ def get_report() -> Report:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Reset or assemble the run report.")
     parser.add_argument("command", choices=["reset", "generate"])
-    parser.add_argument("--out", default=os.path.join("report", "report.md"), help="where generate copies report.md")
+    add_flag(parser, "--out", default=os.path.join("report", "report.md"), help="where generate copies report.md")
     args = parser.parse_args(argv)
     report = get_report()
     if args.command == "reset":

@@ -4,6 +4,16 @@
 die() { echo "error: $*" >&2; exit 2; }
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 
+# require_gpus N RECIPE: stop at once, before anything is installed, unless nvidia-smi lists at least N GPUs
+# (a CUDA recipe would otherwise set up a multi-GB CUDA venv and fail much later).
+require_gpus() {
+  local want="$1" recipe="$2" have
+  have="$({ nvidia-smi -L 2>/dev/null || true; } | grep -c '^GPU ' || true)"
+  [ "$have" -gt 0 ] || die "bash $recipe needs an NVIDIA GPU, and nvidia-smi finds none on this machine.
+  Run the CPU profile instead:  bash run10.sh --gpu cpu"
+  [ "$have" -ge "$want" ] || die "bash $recipe runs on $want GPUs and nvidia-smi lists $have: NPROC=$have bash $recipe"
+}
+
 # Install / refresh the environment, then load .mc_env and the venv into this shell.
 recipe_setup() {
   log "setup ($*)"
@@ -110,6 +120,7 @@ run_multi_gpu_recipe() {
   mc_chat_stage_args "$tag"
   local mc_chat=("${MC_CHAT_ARGS[@]+"${MC_CHAT_ARGS[@]}"}")
   local torchrun=(torchrun --standalone --nproc_per_node="${NPROC:-8}")
+  require_gpus "${NPROC:-8}" "${0##*/}"
   recipe_setup --gpu
   local run="${WANDB_RUN:-dummy}"
   stage_data_download 8 "$shards"
@@ -123,7 +134,7 @@ run_multi_gpu_recipe() {
     --device-batch-size="$dbs" --save-every=500 "${mc_chat[@]+"${mc_chat[@]}"}"
   stage_train "chat_sft$MC_SUFFIX" sft "$tag" "${torchrun[@]}" -m scripts.chat_sft -- --run="$run" --save-every=500 \
     "${mc_chat[@]+"${mc_chat[@]}"}"
-  stage_once chat_eval "${torchrun[@]}" -m scripts.chat_eval -- -i sft
+  stage_once chat_eval "${torchrun[@]}" -m scripts.chat_eval -- -i sft --run="$run"
   python -m scripts.chat_cli -p "Why is the sky blue?"
   stage_report
 }

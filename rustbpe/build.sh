@@ -19,6 +19,12 @@
 #   package, and CARGO_HOME points there so the config applies to this build only. Cargo runs with
 #   --locked --offline, so the committed Cargo.lock must resolve against these exact versions.
 #   Missing packages are installed with apt-get when running as root, else the command is printed.
+#
+# Toolchain: cargo from PATH, $CARGO_HOME/bin or ~/.cargo/bin; without one, Debian's cargo and rustc are
+# installed with apt-get when running as root. Python packages (maturin, the wheel) go in with uv, found
+# the same way mc_setup finds it (recipes/setup_tools.sh; $UV when the caller set it).
+# Exit status 3: this machine cannot build the crate (no Rust toolchain, or the crates are missing and
+# cannot be installed); the message says what to install. mc_setup then uses the PyPI wheel instead.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -35,6 +41,7 @@ STAGE="$HERE/target/stage"
 WHEEL_DIR="$HERE/target/wheels"
 
 die() { echo "rustbpe/build.sh: error: $*" >&2; exit 1; }
+cannot_build() { echo "rustbpe/build.sh: cannot build here: $*" >&2; exit 3; }
 log() { echo "rustbpe/build.sh: $*"; }
 
 while [ $# -gt 0 ]; do
@@ -49,21 +56,15 @@ case "$SOURCE" in auto|crates-io|debian) ;; *) die "--source must be auto, crate
 [ -x "$PYTHON" ] || die "no Python interpreter at $PYTHON; create the venv first or pass --python PATH"
 
 find_cargo() {
-    if command -v cargo >/dev/null 2>&1; then return 0; fi
-    # rustup installs here but only shells started after the install have it on PATH.
-    if [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
-        export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-        return 0
-    fi
-    cat >&2 <<'EOF'
-rustbpe/build.sh: error: no Rust toolchain (cargo) found.
-  Install one with rustup (needs network):
-      curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
-      source "$HOME/.cargo/env"
-  or, on Debian/Ubuntu without network access to rustup:  sudo apt-get install -y cargo rustc
-  (rustc >= 1.63), then run this script again.
-EOF
-    exit 1
+    # rustup installs into ~/.cargo/bin, but only shells started after the install have it on PATH.
+    local home_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+    if ! command -v cargo >/dev/null 2>&1 && [ -x "$home_bin/cargo" ]; then export PATH="$home_bin:$PATH"; fi
+    command -v cargo >/dev/null 2>&1 && return 0
+    apt_install "a Rust compiler to build rustbpe/ (Debian's cargo and rustc)" \
+        cargo rustc || true
+    command -v cargo >/dev/null 2>&1 || cannot_build "no Rust toolchain (cargo) on PATH or in $home_bin.
+  Install Debian's:  sudo apt-get install -y --no-install-recommends cargo rustc
+  or rustup's:       curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal"
 }
 
 probe_crates_io() {
@@ -93,22 +94,14 @@ missing_debian_crates() {
 }
 
 ensure_debian_crates() {
+    [ -z "$(missing_debian_crates)" ] && return 0
+    apt_install "the Rust crates rustbpe/ builds from while crates.io is unreachable (pyo3, regex, rayon and \
+their dependencies as Debian's librust-*-dev source packages)" $DEBIAN_PACKAGES || true
     local missing
     missing="$(missing_debian_crates)"
-    [ -z "$missing" ] && return 0
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        log "installing Debian crate packages: $DEBIAN_PACKAGES"
-        # shellcheck disable=SC2086  # word splitting of the package list is intended
-        if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $DEBIAN_PACKAGES; then
-            apt-get update
-            # shellcheck disable=SC2086
-            DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $DEBIAN_PACKAGES
-        fi
-        missing="$(missing_debian_crates)"
-    fi
-    [ -z "$missing" ] || die "crates.io is not in use and these locked crates are missing from $DEBIAN_REGISTRY:
+    [ -z "$missing" ] || cannot_build "crates.io is not in use and these locked crates are missing from $DEBIAN_REGISTRY:
 $(echo "$missing" | sed 's/^/    /')
-  Install them with:  apt-get update && apt-get install -y $DEBIAN_PACKAGES
+  Install them with:  sudo apt-get install -y --no-install-recommends $DEBIAN_PACKAGES
   (or give this machine access to crates.io)."
 }
 
@@ -160,26 +153,24 @@ ensure_maturin() {
     "$PYTHON" -m maturin --version >/dev/null 2>&1 || die "maturin is still not importable by $PYTHON"
 }
 
-pip_uninstall() {
-    if command -v uv >/dev/null 2>&1; then uv pip uninstall --python "$PYTHON" "$@"; else "$PYTHON" -m pip uninstall -y "$@"; fi
-}
-
-pip_install() {
-    if command -v uv >/dev/null 2>&1; then uv pip install --python "$PYTHON" "$@"; else "$PYTHON" -m pip install "$@"; fi
-}
+pip_uninstall() { "$UV" pip uninstall --python "$PYTHON" "$@"; }
+pip_install() { "$UV" pip install --python "$PYTHON" "$@"; }
 
 start=$(date +%s)
+# shellcheck source=../recipes/setup_tools.sh
+source "$REPO/recipes/setup_tools.sh"
 find_cargo
 if [ "$SOURCE" = auto ]; then
     if probe_crates_io; then SOURCE=crates-io; else SOURCE=debian; fi
     log "crates.io probe (timeout ${PROBE_TIMEOUT}s): using --source $SOURCE"
 fi
+[ "$SOURCE" = debian ] && ensure_debian_crates
+find_uv "$REPO"
 ensure_maturin
 stage_sources
 
 cargo_flags=(--release --target-dir "$HERE/target/cargo")
 if [ "$SOURCE" = debian ]; then
-    ensure_debian_crates
     write_offline_config
     export CARGO_HOME="$OFFLINE_HOME" CARGO_NET_OFFLINE=true
     cargo_flags+=(--locked --offline)

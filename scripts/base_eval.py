@@ -24,6 +24,7 @@ from nanochat.common import (
     atomic_open,
     compute_cleanup,
     compute_init,
+    device_type_flag,
     get_base_dir,
     print0,
     resolve_device_type,
@@ -53,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
              help="CORE tasks: downloaded bundle, offline set, or auto (bundle if on disk/reachable)")
     add_flag(p, "--model-tag", "-g", default=None, help="model tag (default: the largest)")
     add_flag(p, "--step", "-s", type=int, default=None, help="checkpoint step (default: last)")
-    add_flag(p, "--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
+    add_flag(p, "--device-type", type=device_type_flag, default="", help="cuda | cpu | mps (default: autodetect)")
     add_flag(p, "--device-batch-size", type=int, default=32, help="rows per forward pass for bpb")
     add_flag(p, "--split-tokens", type=int, default=None,
              help="bpb tokens per split (default 20*524288 on CUDA, 65536 otherwise)")

@@ -13,20 +13,28 @@ import argparse
 
 from nanochat.base_metrics import SAMPLE_PROMPTS, default_split_tokens, generate_samples, split_bpb
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import add_flag, compute_cleanup, compute_init, print0, resolve_device_type, strip_separator
+from nanochat.common import (
+    add_flag,
+    compute_cleanup,
+    compute_init,
+    device_type_flag,
+    print0,
+    resolve_device_type,
+    strip_separator,
+)
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.base_loss", description="Train/val bits per byte.")
-    p.add_argument("-i", "--source", default="base", choices=("base", "mid", "sft"), help="which stage to load")
+    add_flag(p, "--source", "-i", default="base", choices=("base", "mid", "sft"), help="which stage to load")
     add_flag(p, "--model-tag", default=None, help="model tag (default: the largest)")
     add_flag(p, "--step", type=int, default=None, help="checkpoint step (default: last)")
     add_flag(p, "--split-tokens", type=int, default=None,
              help="tokens evaluated per split (default 20*524288 on CUDA, 65536 otherwise)")
     add_flag(p, "--device-batch-size", type=int, default=32, help="rows per forward pass")
-    add_flag(p, "--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
+    add_flag(p, "--device-type", type=device_type_flag, default="", help="cuda | cpu | mps (default: autodetect)")
     add_flag(p, "--sample-tokens", type=int, default=16, help="tokens generated per sample (0: no samples)")
     argv = strip_separator(argv)  # `torchrun ... -m scripts.X -- --flags`
     args = p.parse_args(argv)

@@ -41,6 +41,7 @@ from nanochat.common import (
     autocast_context,
     compute_cleanup,
     compute_init,
+    device_type_flag,
     get_base_dir,
     print0,
     resolve_device_type,
@@ -83,7 +84,7 @@ SAMPLE_TOKENS = 16
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.base_train", description="Pretrain the base model.")
     add_flag(p, "--run", default="dummy", help="W&B run name ('dummy' = no W&B; WANDB_MODE=offline works)")
-    add_flag(p, "--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
+    add_flag(p, "--device-type", type=device_type_flag, default="", help="cuda | cpu | mps (default: autodetect)")
     add_flag(p, "--depth", type=int, default=20, help="number of transformer layers; sets width and heads too")
     add_flag(p, "--max-seq-len", type=int, default=2048, help="tokens per row (context length)")
     add_flag(p, "--device-batch-size", type=int, default=32, help="rows per forward/backward per process")

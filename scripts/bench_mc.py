@@ -29,13 +29,13 @@ from megacontext.gistnet import GistNet, GistNetConfig
 from megacontext.lensnet import LensNet, LensNetConfig
 from megacontext.tree import MegaContextTree, RamTreeStore, open_tree_store
 from megacontext.working_context import check_invariants, gather_embeddings, random_wc
-from nanochat.common import add_flag, autocast_context, print0, resolve_device_type
+from nanochat.common import add_flag, autocast_context, device_type_flag, print0, resolve_device_type
 from nanochat.gpt import GPT, GPTConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_flag(p, "--device_type", "--device", default="", help="cuda|cpu|mps (empty: autodetect)")
+    add_flag(p, "--device_type", "--device", type=device_type_flag, default="", help="cuda|cpu|mps (empty: autodetect)")
     add_flag(p, "--depth", type=int, default=4, help="base model depth (width 64 * depth)")
     add_flag(p, "--vocab_size", type=int, default=65536)
     add_flag(p, "--block_size", type=int, default=32)

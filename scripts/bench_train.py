@@ -28,14 +28,14 @@ import torch
 
 from megacontext.config import MCConfig, add_mc_args
 from megacontext.controller import MCController
-from nanochat.common import add_flag, autocast_context, compute_init, str2bool
+from nanochat.common import add_flag, autocast_context, compute_init, device_type_flag, str2bool
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.train_loop import format_count, peak_flops
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.bench_train", description="Benchmark training throughput.")
-    add_flag(p, "--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
+    add_flag(p, "--device-type", type=device_type_flag, default="", help="cuda | cpu | mps (default: autodetect)")
     add_flag(p, "--depth", type=int, default=4, help="model depth")
     add_flag(p, "--max-seq-len", type=int, default=256, help="tokens per row")
     add_flag(p, "--device-batch-size", type=int, default=16, help="rows per step")

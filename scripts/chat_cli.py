@@ -5,8 +5,9 @@
     python -m scripts.chat_cli -i mid -g d12 -s 700 -t 1.0 -k 50 --max-tokens 256
 
 Interactive mode keeps the conversation: type `clear` to start a new one, `quit` / `exit` (or Ctrl-D) to leave.
-A one-shot prompt (-p) is also appended to the run report's "Chat samples" section
-(`python -m nanochat.report generate` puts it into report/report.md).
+A one-shot prompt (-p) and its reply replace the run report's "Chat samples" section, so the report shows the
+latest sample (`python -m nanochat.report generate` puts it into report/report.md). An empty prompt is refused,
+as the chat server refuses an empty user message.
 """
 
 import argparse
@@ -15,23 +16,23 @@ import sys
 import time
 
 from nanochat.common import add_flag, compute_init
-from nanochat.report import get_report, slugify
+from nanochat.report import get_report
 
 REPORT_SECTION = "Chat samples"
-MAX_REPORT_SAMPLES = 20  # the section keeps the most recent samples only
-SAMPLE_MARKER = "<!-- chat sample -->"  # starts each sample, so the section can be read back sample by sample
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft"], help="which training phase")
+    parser = argparse.ArgumentParser(prog="python -m scripts.chat_cli", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flag(parser, "--source", "-i", default="sft", choices=["base", "mid", "sft"], help="which training phase")
     add_flag(parser, "--model-tag", "-g", default=None, help="model tag, e.g. d12 (default: the largest)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
-    parser.add_argument("-p", "--prompt", default=None, help="ask one question, print the reply and exit")
-    parser.add_argument("-t", "--temperature", type=float, default=0.6, help="0 = greedy")
+    add_flag(parser, "--step", "-s", type=int, default=None, help="checkpoint step (default: the last)")
+    add_flag(parser, "--prompt", "-p", default=None, help="ask one question, print the reply and exit "
+             "(default: interactive)")
+    add_flag(parser, "--temperature", "-t", type=float, default=0.6, help="0 = greedy")
     add_flag(parser, "--top-k", "-k", type=int, default=50, help="sample among the k likeliest tokens (0 = off)")
     add_flag(parser, "--max-tokens", "-m", type=int, default=256, help="reply length limit")
-    parser.add_argument("--seed", type=int, default=42, help="sampling seed (turn n of a conversation uses seed+n)")
+    add_flag(parser, "--seed", type=int, default=42, help="sampling seed (turn n of a conversation uses seed+n)")
     add_flag(parser, "--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
     return parser
 
@@ -43,6 +44,8 @@ def check_args(args) -> None:
         raise ValueError(f"--top-k must be in [0, 200] (0 = off), got {args.top_k}")
     if not 1 <= args.max_tokens <= 4096:
         raise ValueError(f"--max-tokens must be in [1, 4096], got {args.max_tokens}")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("the prompt (-p) is empty; write a question, or leave out -p to chat interactively")
 
 
 class ChatSession:
@@ -84,24 +87,11 @@ class ChatSession:
 
 
 def log_sample(model_name: str, args, prompt: str, result: dict) -> str | None:
-    """Append this prompt/reply to the report's "Chat samples" section (keeping the last MAX_REPORT_SAMPLES).
-
-    A report section is rewritten whole by Report.log, so the samples already there are read back from its file
-    and logged again with the new one after them."""
-    report = get_report()
-    path = os.path.join(report.report_dir, slugify(REPORT_SECTION) + ".md")
-    previous = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            body = f.read()
-        chunks = body.split(SAMPLE_MARKER + "\n")[1:]  # [0] is the section's own heading and timestamp
-        previous = [SAMPLE_MARKER + "\n" + chunk.rstrip("\n") for chunk in chunks]
+    """Replace the report's "Chat samples" section with this prompt and reply (the latest sample)."""
     rate = result["tokens"] / result["seconds"] if result["seconds"] > 0 else 0.0
     fence = "~~~~~~"  # replies may contain ``` of their own
     sample = "\n".join([
-        SAMPLE_MARKER,
-        f"### {time.strftime('%Y-%m-%d %H:%M:%S')} {model_name}",
-        "",
+        f"- model: {model_name}",
         f"- prompt: {prompt!r}",
         f"- settings: temperature={args.temperature} top_k={args.top_k} max_tokens={args.max_tokens} "
         f"seed={result['seed']}",
@@ -112,7 +102,7 @@ def log_sample(model_name: str, args, prompt: str, result: dict) -> str | None:
         result["reply"],
         fence,
     ])
-    return report.log(REPORT_SECTION, [*previous[-(MAX_REPORT_SAMPLES - 1):], sample])
+    return get_report().log(REPORT_SECTION, [sample])
 
 
 def load(args):
@@ -120,9 +110,9 @@ def load(args):
     from nanochat.checkpoint_manager import load_model, resolve_checkpoint
     from nanochat.engine import Engine
 
+    device = compute_init(args.device_type, seed=args.seed).device
     checkpoint_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
     tag = os.path.basename(checkpoint_dir.rstrip("/"))
-    device = compute_init(args.device_type, seed=args.seed).device
     model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=tag, step=step)
     return Engine(model, tokenizer), f"{args.source}/{tag}@step{step:06d}"
 

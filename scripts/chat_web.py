@@ -28,24 +28,32 @@ from nanochat.web.limits import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft"], help="which training phase")
+    parser = argparse.ArgumentParser(prog="python -m scripts.chat_web", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flag(parser, "--source", "-i", default="sft", choices=["base", "mid", "sft"], help="which training phase")
     add_flag(parser, "--model-tag", "-g", default=None, help="model tag, e.g. d12 (default: the largest)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    add_flag(parser, "--step", "-s", type=int, default=None, help="checkpoint step (default: the last)")
     add_flag(parser, "--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
     add_flag(parser, "--num-gpus", type=int, default=1, help="model workers: one per GPU (on CPU: N replicas)")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 = all)")
-    parser.add_argument("-p", "--port", type=int, default=8000)
-    parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
-    add_flag(parser, "--top-k", "-k", type=int, default=50, help="default top-k (0 = off)")
-    add_flag(parser, "--max-tokens", "-m", type=int, default=512, help="default reply length limit")
-    add_flag(parser, "--queue-timeout", type=float, default=30.0, help="seconds a request waits for a worker")
-    add_flag(parser, "--max-queue", type=int, default=32, help="requests allowed to wait for a worker")
-    add_flag(parser, "--max-messages", type=int, default=MAX_MESSAGES)
-    add_flag(parser, "--max-message-chars", type=int, default=MAX_MESSAGE_CHARS)
-    add_flag(parser, "--max-total-chars", type=int, default=MAX_TOTAL_CHARS)
-    add_flag(parser, "--max-body-bytes", type=int, default=MAX_BODY_BYTES)
-    add_flag(parser, "--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_flag(parser, "--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 = all)")
+    add_flag(parser, "--port", "-p", type=int, default=8000, help="TCP port")
+    add_flag(parser, "--temperature", "-t", type=float, default=0.8, help="sampling temperature of requests that "
+             "leave it out")
+    add_flag(parser, "--top-k", "-k", type=int, default=50, help="top-k of requests that leave it out (0 = off)")
+    add_flag(parser, "--max-tokens", "-m", type=int, default=512, help="reply length limit of requests that leave "
+             "it out")
+    add_flag(parser, "--queue-timeout", type=float, default=30.0, help="seconds a request waits for a worker "
+             "before HTTP 503")
+    add_flag(parser, "--max-queue", type=int, default=32, help="requests allowed to wait for a worker at once; "
+             "more get HTTP 503 at once")
+    add_flag(parser, "--max-messages", type=int, default=MAX_MESSAGES, help="messages per request")
+    add_flag(parser, "--max-message-chars", type=int, default=MAX_MESSAGE_CHARS, help="characters per message")
+    add_flag(parser, "--max-total-chars", type=int, default=MAX_TOTAL_CHARS, help="characters of all messages "
+             "of a request together")
+    add_flag(parser, "--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="request body size (HTTP 413 "
+             "beyond)")
+    add_flag(parser, "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+             help="server log verbosity")
     return parser
 
 

@@ -1,4 +1,5 @@
-"""Helpers for the chat front-end tests: a tiny tokenizer + depth-1 chat checkpoint, and a loopback uvicorn server.
+"""Helpers for the chat front-end tests: a tiny tokenizer + depth-1 chat checkpoint, a loopback uvicorn server and
+the HTTP helpers the server tests share (SSE parsing, one streamed reply, /stats, waiting for a condition).
 
 The checkpoint is not trained; its weights are shaped so tests can rely on how replies end:
 - every block starts as the identity (output projections are zero at init), so the next-token logits depend on
@@ -10,10 +11,12 @@ The checkpoint is not trained; its weights are shaped so tests can rely on how r
 """
 
 import dataclasses
+import json
 import os
 import threading
 import time
 
+import httpx
 import torch
 import uvicorn
 
@@ -91,3 +94,51 @@ class LoopbackServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         assert not self.thread.is_alive(), "the test server did not shut down"
+
+
+# ------------------------------------------------------------------------------------------------- HTTP helpers
+
+TIMEOUT = httpx.Timeout(30.0)
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def parse_sse(lines) -> list:
+    """data: payloads of an SSE stream, JSON-decoded except the literal [DONE]."""
+    events = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+        else:
+            assert line == "", f"unexpected SSE line {line!r}"
+    return events
+
+
+def native_reply(url: str, body: dict) -> tuple[str, dict]:
+    """(text assembled from the streamed tokens, the final done event) of POST /chat/completions."""
+    with httpx.stream("POST", url + "/chat/completions", json=body, timeout=TIMEOUT) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = parse_sse(response.iter_lines())
+    *tokens, done = events
+    assert all(set(e) == {"token"} and e["token"] for e in tokens), tokens[:3]
+    assert done["done"] is True
+    return "".join(e["token"] for e in tokens), done
+
+
+def get_stats(url: str) -> dict:
+    return httpx.get(url + "/stats", timeout=TIMEOUT).json()
+
+
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(interval)

@@ -5,6 +5,7 @@ import socket
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from nanochat.tokenizer import Tokenizer
@@ -52,3 +53,11 @@ def free_port() -> int:
 def closed_port_url(path: str = "") -> str:
     """An http URL on a loopback port where nothing listens: connections are refused at once (no network)."""
     return f"http://127.0.0.1:{free_port()}{path}"
+
+
+@pytest.fixture(autouse=True)
+def _wandb_files_in_tmp(tmp_path, monkeypatch):
+    """W&B keeps logs, settings and artifacts under ~/.cache, ~/.config and ~/.local/share: point them into
+    the test's own tmp dir. Run folders already follow $NANOCHAT_BASE_DIR (or WANDB_DIR), which tests set."""
+    for name, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_DATA_DIR", "data")):
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home" / sub))

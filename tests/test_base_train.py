@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from nanochat import train_loop
+from nanochat import common, train_loop
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_tokenizer
@@ -33,8 +33,10 @@ def read_log(path):
 
 def test_smoke_run_writes_checkpoint_report_and_wandb(corpus, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(common, "autodetect_device_type", lambda: "cpu")  # no --device-type: autodetected
     log = corpus / "loss.jsonl"
-    out = base_train.main(TINY + ["--num-iterations=3", "--run=smoke", "--sample-every=2", f"--loss-log={log}"])
+    argv = [a for a in TINY if a != "--device-type=cpu"]
+    out = base_train.main(argv + ["--num-iterations=3", "--run=smoke", "--sample-every=2", f"--loss-log={log}"])
     assert len(out["losses"]) == 3 and all(math.isfinite(x) for x in out["losses"])
     printed = capsys.readouterr().out
     assert "step 00003/00003 (100.00%) | loss:" in printed and "tok/sec:" in printed and "eta:" in printed
@@ -44,7 +46,9 @@ def test_smoke_run_writes_checkpoint_report_and_wandb(corpus, monkeypatch, capsy
     meta = json.loads((ckpt / "meta_000003.json").read_text())
     assert meta["step"] == 3 and meta["val_bpb"] == out["val_bpb"] and meta["user_config"]["depth"] == 1
     assert len(meta["dataloader_state"]["slots"]) == 2  # 64 tokens = 2 rows × 16 × 2 micro-steps
-    assert "min_val_bpb" in (corpus / "report" / "base-model-training.md").read_text()
+    section = (corpus / "report" / "base-model-training.md").read_text()
+    assert "min_val_bpb" in section and "- device_type: cpu\n" in section  # the device used, not the flag's ""
+    assert meta["user_config"]["device_type"] == "cpu"
     assert any(name.startswith("offline-run") for name in os.listdir(corpus / "wandb" / "wandb"))
     records = read_log(log)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]

@@ -46,32 +46,23 @@ def run_main(argv, capsys) -> tuple[str, str]:
     return captured.out, captured.err
 
 
-def test_one_shot_prompt_prints_reply_and_logs_samples(base_dir, engine, capsys):
+def test_one_shot_prompt_prints_reply_and_replaces_the_report_sample(base_dir, engine, capsys):
     out, _ = run_main(["-p", "Why is the sky blue?", "--max-tokens", "20", *CPU], capsys)
     reply = expected_reply(engine, [{"role": "user", "content": "Why is the sky blue?"}], 20)
     assert out == f">>> Why is the sky blue?\n{reply}\n" and reply.strip()
+    report = open(get_report().generate(), encoding="utf-8").read()
+    section = report[report.index("## Chat samples"):]
+    assert "'Why is the sky blue?'" in section and reply in section and "- model: sft/d1@step000001" in section
     out, _ = run_main(["-p", "Second question", "-t", "1.0", "-k", "5", "--max-tokens", "7", "--seed", "3", *CPU],
                       capsys)
     reply2 = expected_reply(engine, [{"role": "user", "content": "Second question"}], 7, 1.0, 5, 3)
     assert out == f">>> Second question\n{reply2}\n"
+    run_main(["-p", "Second question", "-t", "1.0", "-k", "5", "--max-tokens", "7", "--seed", "3", *CPU], capsys)
     report = open(get_report().generate(), encoding="utf-8").read()
+    assert report.count("## Chat samples") == 1 and report.count("- prompt: ") == 1  # replaced, not appended
     section = report[report.index("## Chat samples"):]
-    assert section.index("'Why is the sky blue?'") < section.index("'Second question'")
-    assert reply in section and reply2 in section
+    assert "'Second question'" in section and reply2 in section and "'Why is the sky blue?'" not in section
     assert "temperature=1.0 top_k=5 max_tokens=7 seed=3" in section and "finish_reason=length" in section
-
-
-def test_report_keeps_the_latest_samples(base_dir, monkeypatch):
-    monkeypatch.setattr(chat_cli, "MAX_REPORT_SAMPLES", 3)
-    args = chat_cli.build_parser().parse_args([])
-    for i in range(5):
-        result = {"reply": f"reply {i}\n### not a heading", "tokens": 3, "seconds": 0.5, "finish_reason": "stop",
-                  "seed": i}
-        path = chat_cli.log_sample("sft/d1@step000001", args, f"prompt {i}", result)
-    text = open(path, encoding="utf-8").read()
-    assert text.count(chat_cli.SAMPLE_MARKER) == 3 and text.count("## Chat samples") == 1
-    assert "'prompt 1'" not in text and text.index("'prompt 2'") < text.index("'prompt 4'")
-    assert "reply 4\n### not a heading" in text
 
 
 def test_reply_is_streamed_piece_by_piece(engine):
@@ -152,15 +143,30 @@ def test_missing_tokenizer_names_tok_train(tmp_path, monkeypatch, capsys):
     assert "python -m scripts.tok_train" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, message", [(["-t", "3"], "--temperature must be in [0, 2]"),
+@pytest.mark.parametrize("flags, message", [(["-p", ""], "the prompt (-p) is empty"),
+                                            (["-p", "  \n"], "the prompt (-p) is empty"),
+                                            (["-t", "3"], "--temperature must be in [0, 2]"),
                                             (["-k", "500"], "--top-k must be in [0, 200]"),
                                             (["--max-tokens", "0"], "--max-tokens must be in [1, 4096]"),
                                             (["-g", "d7"], "no complete sft checkpoint for model tag 'd7'"),
                                             (["-s", "99"], "no complete checkpoint for step 99")])
 def test_bad_flags_exit_with_a_message(base_dir, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        chat_cli.main(["-p", "hi", *flags, *CPU])
-    assert exit_info.value.code == 1 and message in capsys.readouterr().err
+        chat_cli.main(["-p", "hi", *CPU, *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.slow
+def test_cuda_on_a_cpu_machine_prints_only_the_message(base_dir):
+    """As a user runs it: the whole stderr is the one line that says what to do."""
+    result = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "-p", "hi", "--device-type", "cuda"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "NANOCHAT_BASE_DIR": base_dir})
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == ("chat_cli: --device-type=cuda was asked for but no CUDA device is visible; "
+                             "use --device-type=cpu\n")
 
 
 @pytest.mark.slow

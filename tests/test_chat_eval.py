@@ -19,6 +19,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.tasks.base import reference_answer
 from nanochat.tasks.evaluate import letter_token_ids, run_categorical, run_generative
 from nanochat.tasks.hub import MIRROR_ENV
+from nanochat.tasks.humaneval import HumanEval
 from nanochat.tasks.offline import Arithmetic, MultipleChoice, load_chatterbot_dialogues
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 
@@ -70,19 +71,38 @@ def test_default_tasks_offline(env, capsys):
     from scripts.chat_eval import main
 
     summary = main(["-i", "sft", "--data", "offline", "-x", "2", "-m", "4", "--device-type", "cpu"])
-    assert set(summary) == {"Arithmetic", "Spelling", "MultipleChoice", "centered_mean"}
+    assert set(summary) == {"Arithmetic", "Spelling", "MultipleChoice", "HumanEval", "centered_mean"}
     assert "data: offline" in capsys.readouterr().out
 
 
-def test_task_errors(env):
+@pytest.mark.parametrize("argv, message", [
+    (["-i", "sft", "-a", "HellaSwag", *FAST], "unknown task"),
+    (["-i", "sft", "-a", "ARC-Easy", "--data", "offline", *FAST], MIRROR_ENV),
+    (["-i", "mid", "-a", "Arithmetic", *FAST], "scripts.mid_train"),
+    (["-a", "Arithmetic", "-x", "1", "--device-type", "cuda" if not torch.cuda.is_available() else "nope"],
+     "--device-type"),
+])
+def test_user_errors_print_one_line_and_exit_1(env, capsys, argv, message):
     from scripts.chat_eval import main
 
-    with pytest.raises(ValueError, match="unknown task"):
-        main(["-i", "sft", "-a", "HellaSwag", *FAST])
-    with pytest.raises(ValueError, match=MIRROR_ENV):
-        main(["-i", "sft", "-a", "ARC-Easy", "--data", "offline", *FAST])
-    with pytest.raises(FileNotFoundError, match="scripts.mid_train"):
-        main(["-i", "mid", "-a", "Arithmetic", *FAST])
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and message in err and err.startswith("chat_eval: ")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_underscore_spellings_and_defaults_in_help(env, capsys):
+    from scripts.chat_eval import parse_args
+
+    args = parse_args(["--task_name", "Spelling", "--max_problems", "2", "--model_tag", "d1", "--num_samples", "3",
+                       "--max_new_tokens", "5", "--top_k", "7", "--batch_size", "2", "--device_type", "cpu"])
+    assert (args.task_name, args.max_problems, args.model_tag, args.num_samples) == ("Spelling", 2, "d1", 3)
+    assert (args.max_new_tokens, args.top_k, args.batch_size, args.device_type) == (5, 7, 2, "cpu")
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: 256)" in text and "(default: sft)" in text and "(default: 50)" in text
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -157,6 +177,30 @@ def test_generative_checks_completion_after_prompt(tok):
     correct, total = run_generative(task, engine, tok, num_samples=2, max_new_tokens=16, temperature=0.5, top_k=3)
     assert (correct, total) == (5, 10)
     assert engine.calls[0]["max_tokens"] == 16 and engine.calls[0]["temperature"] == 0.5
+
+
+def test_humaneval_replies_run_in_the_sandbox(tok):
+    """Reference solutions pass and nonsense fails, through the same generative loop chat_eval uses."""
+    task = HumanEval(stop=6)
+    correct, total = run_generative(task, ReplayEngine(tok, task), tok, max_new_tokens=16)
+    assert (correct, total) == (3, 6)
+
+
+def test_humaneval_results_go_to_the_report_and_wandb(env, monkeypatch, capsys):
+    from scripts.chat_eval import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    summary = main(["-a", "HumanEval", "-x", "2", "-m", "4", "--device-type", "cpu", "--run", "eval-smoke"])
+    assert summary["HumanEval"] == 0.0  # an untrained model writes no working code
+    assert "HumanEval: 0.0000 (0/2, generative" in capsys.readouterr().out
+    report = open(os.path.join(env, "report", "chat-evaluation-sft.md")).read()
+    assert "- HumanEval: 0.0000" in report
+    runs = [d for d in os.listdir(os.path.join(env, "wandb", "wandb")) if d.startswith("offline-run")]
+    assert len(runs) == 1
+    run_dir = os.path.join(env, "wandb", "wandb", runs[0])
+    records = open(os.path.join(run_dir, f"run-{runs[0].rsplit('-', 1)[1]}.wandb"), "rb").read()
+    for key in (b"chat_eval/HumanEval", b"chat_eval/centered_mean", b"model_step"):  # history keys, stored as text
+        assert key in records, key
 
 
 def test_module_command_line_with_separator(env):

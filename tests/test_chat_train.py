@@ -5,12 +5,13 @@ import dataclasses
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from nanochat.chat_data import PackedConversations, SFTBatches, pad_batch
-from nanochat.chat_train import model_loss_sum, train_step
+from nanochat.chat_train import CHAT_ONLY_TOKENS, load_start, model_loss_sum, train_step
 from nanochat.checkpoint_manager import list_steps, load_model, save_checkpoint
 from nanochat.common import strip_separator
 from nanochat.gpt import GPT, GPTConfig
@@ -141,6 +142,22 @@ def test_separator_and_flag_spellings():
     assert (args.device_batch_size, args.num_iterations, args.init_lr_frac, args.data) == (3, 2, 0.5, "offline")
     with pytest.raises(SystemExit):
         parse_args(["--data=online"])
+
+
+def test_chat_tokens_start_at_logit_zero_when_starting_from_base(env, tok):
+    """Rows of tokens pretraining never predicts are zeroed once, from a base checkpoint only; <|bos|> (a
+    pretraining target) and every other row keep their trained values."""
+    args = SimpleNamespace(resume_from_step=-1, model_step=None, model_tag=None)
+    model, _, _, _, start = load_start("mid", "base", args, "cpu")
+    base, _, _ = load_model("base", "cpu", model_tag="d1")
+    zeroed = [tok.encode_special(name) for name in CHAT_ONLY_TOKENS]
+    assert start["phase"] == "base" and len(zeroed) == 8 and tok.get_bos_token_id() not in zeroed
+    assert torch.count_nonzero(model.lm_head.weight[zeroed]) == 0
+    kept = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    kept[zeroed] = False
+    assert torch.equal(model.lm_head.weight[kept], base.lm_head.weight[kept])
+    assert torch.count_nonzero(base.lm_head.weight[zeroed]) > 0  # the base rows were not zero to begin with
+    assert torch.equal(model.transformer.wte.weight, base.transformer.wte.weight)
 
 
 # ------------------------------------------------------------------------------------------------ scripts

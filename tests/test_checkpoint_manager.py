@@ -2,6 +2,8 @@
 
 import dataclasses
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -139,3 +141,28 @@ def test_missing_optimizer_shard_explains_world_size(tmp_path):
                        {"step": 3, "model_config": dataclasses.asdict(model.config), "world_size": 2})
     with pytest.raises(FileNotFoundError, match="world_size=2"):
         cm.load_checkpoint(str(tmp_path), 3, "cpu", load_optimizer=True, rank=1)
+
+
+def test_loading_does_not_import_the_compiler_stack(base_dir):
+    """Model loading stays off torch._dynamo / sympy (seconds of imports before a one-shot chat_cli reply)."""
+    save(base_dir / "sft_checkpoints" / "d1", 1, tiny_model(1))
+    code = ("import sys, torch\nfrom nanochat.checkpoint_manager import build_model, load_checkpoint\n"
+            f"state, _, meta, _ = load_checkpoint({str(base_dir / 'sft_checkpoints' / 'd1')!r}, 1, 'cpu')\n"
+            "model = build_model(state, meta, 'cpu', 'eval')\nmodel(torch.zeros(1, 4, dtype=torch.long))\n"
+            "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root,
+                            env={**os.environ, "PYTHONPATH": root})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_built_model_has_the_saved_weights_and_trains(base_dir):
+    model = tiny_model(1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    built = cm.build_model(state, {"model_config": dataclasses.asdict(model.config)}, "cpu", "train")
+    assert built.training and all(p.requires_grad for p in built.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), model.state_dict().values()))
+    assert torch.equal(built.rotary_cos, model.rotary_cos) and torch.equal(built.rotary_sin, model.rotary_sin)
+    fresh = GPT(model.config)  # outside build_model the initialisers run as usual
+    assert fresh.transformer.wte.weight.std() > 0.5 and torch.count_nonzero(fresh.lm_head.weight) > 0

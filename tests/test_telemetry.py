@@ -6,7 +6,6 @@ import json
 import logging
 import socket
 import threading
-import time
 import warnings
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from megacontext import telemetry as telemetry_module
 from megacontext.telemetry import (
     EVENTS,
     JsonlTelemetry,
@@ -150,14 +150,48 @@ def _closed_port() -> int:
     return port
 
 
-def _exercise(tel):
-    """Emit every documented event plus nested timing spans, the way the controller does."""
+class FakeClock:
+    """Stands in for the `time` module inside megacontext.telemetry: its clocks move only when the test advances
+    them, so span timings and timestamps have exact, known values."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return 1.7e9 + self.now
+
+    def time_ns(self) -> int:
+        return round(self.time() * 1e9)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(telemetry_module, "time", fake)
+    return fake
+
+
+EXPECTED_TIMINGS = {"build_ms": 10.0, "positional_ms": 2.5, "lens_ms": 0.0}
+
+
+def _exercise(tel, clock):
+    """Emit every documented event plus nested timing spans, the way the controller does; the fake clock moves
+    10 ms inside `build` and 2.5 ms inside `positional`."""
     timings = {}
     with tel.span("controller_step", step=7):
         with tel.span("build", into=timings, level=1):
-            time.sleep(0.01)
+            clock.advance(0.010)
         with tel.span("positional", into=timings):
-            pass
+            clock.advance(0.0025)
         with tel.span("lens", into=timings):
             pass
     for name, fields in SAMPLE_EVENTS.items():
@@ -176,20 +210,20 @@ def test_event_table_documents_the_design_events():
         assert set(EVENTS[name][0]) <= set(fields)
 
 
-def test_jsonl_round_trip(tmp_path):
+def test_jsonl_round_trip(tmp_path, clock):
     path = tmp_path / "sub" / "events.jsonl"
     with JsonlTelemetry(str(path)) as tel:
-        timings = _exercise(tel)
+        timings = _exercise(tel, clock)
         tel.emit("custom_event", {"loss": float("nan"), "vec": torch.arange(3), "t": (1, 2)})
         tel.flush()
     events = load_jsonl_events(str(path))
     assert [e["event"] for e in events] == [*SAMPLE_EVENTS, "custom_event"]
-    assert all(isinstance(e["ts"], float) and abs(e["ts"] - time.time()) < 60 for e in events)
+    assert all(e["ts"] == pytest.approx(clock.time()) for e in events)  # stamped at emit time
     by_name = {e["event"]: e["fields"] for e in events}
     assert by_name["working_context_snapshot"]["levels"] == [2, 1, 0, 0, 0]  # tensor -> list
     assert by_name["inference_update"]["extra"] == {"a": 1, "b": "x"}
     assert by_name["custom_event"] == {"loss": None, "vec": [0, 1, 2], "t": [1, 2]}  # NaN -> null: strict JSON
-    assert set(timings) == {"build_ms", "positional_ms", "lens_ms"} and timings["build_ms"] >= 9.0
+    assert timings == pytest.approx(EXPECTED_TIMINGS)
     for line in path.read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
 
@@ -234,10 +268,10 @@ def test_emit_after_close_warns_once(tmp_path):
     assert len(caught) == 1 and "after close" in str(caught[0].message)
 
 
-def test_noop_times_spans_and_accepts_anything():
+def test_noop_times_spans_and_accepts_anything(clock):
     tel = NoOpTelemetry()
-    timings = _exercise(tel)
-    assert set(timings) == {"build_ms", "positional_ms", "lens_ms"} and timings["build_ms"] >= 9.0
+    timings = _exercise(tel, clock)
+    assert timings == pytest.approx(EXPECTED_TIMINGS)
     tel.flush()
     tel.close()
 
@@ -299,11 +333,11 @@ def _check_received(receiver: Receiver):
     assert set(spans) == {"controller_step", "build", "positional", "lens"}
     for child in ("build", "positional", "lens"):  # nested `span` blocks are child spans
         assert spans[child]["parent"] == spans["controller_step"]["span_id"]
-    assert spans["build"]["attributes"] == {"level": 1} and spans["build"]["ms"] >= 9.0
+    assert spans["build"]["attributes"] == {"level": 1} and spans["build"]["ms"] >= 0  # the SDK's own clock
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_otlp_round_trip(protocol, http_collector, grpc_collector, monkeypatch):
+def test_otlp_round_trip(protocol, http_collector, grpc_collector, monkeypatch, clock):
     endpoint, receiver = http_collector if protocol == "http" else grpc_collector
     monkeypatch.setenv("MC_OTEL_ENDPOINT", endpoint)
     monkeypatch.setenv("MC_OTEL_PROTOCOL", protocol)
@@ -311,33 +345,38 @@ def test_otlp_round_trip(protocol, http_collector, grpc_collector, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a healthy collector must cost no warning at all
         tel = OpenTelemetryProvider(service_name="megacontext-test")
-        timings = _exercise(tel)
+        timings = _exercise(tel, clock)
         tel.flush()
         tel.close()
-    assert timings["build_ms"] >= 9.0
+    assert timings == pytest.approx(EXPECTED_TIMINGS)
     _check_received(receiver)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_dead_collector_costs_one_warning_and_no_hang(protocol, monkeypatch, caplog):
+def test_dead_collector_costs_one_warning_and_no_hang(protocol, monkeypatch, caplog, clock):
     port = _closed_port()
     monkeypatch.setenv("MC_OTEL_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("MC_OTEL_PROTOCOL", protocol)
     monkeypatch.setenv("MC_OTEL_TIMEOUT", "1")
     caplog.set_level(logging.DEBUG)
-    t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tel = telemetry_from_env(service_name="megacontext-test")
+        health = tel._health
         for _ in range(3):
-            _exercise(tel)
+            _exercise(tel, clock)
             tel.flush()
+        # the log and the span exporter may each try once; every later batch is dropped without trying
+        tries_while_down = health.failures
+        assert 1 <= tries_while_down <= 2
+        clock.advance(health.retry_after_s + 1)  # the back-off is over: the next batch tries the collector again
+        _exercise(tel, clock)
+        tel.flush()
+        assert health.failures > tries_while_down
         tel.close()
-    elapsed = time.perf_counter() - t0
     ours = [w for w in caught if "MegaContext telemetry" in str(w.message)]
     assert len(ours) == 1, [str(w.message) for w in caught]
     assert issubclass(ours[0].category, RuntimeWarning) and f"127.0.0.1:{port}" in str(ours[0].message)
     assert len(caught) == 1, [str(w.message) for w in caught]
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert noisy == [], [r.getMessage() for r in noisy]  # the exporter's own retries/errors are not printed
-    assert elapsed < 10.0  # bounded by MC_OTEL_TIMEOUT, then batches are dropped without trying

@@ -1,5 +1,7 @@
 """Working context: invariant checker, constructors, edits, embedding gather."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
@@ -62,9 +64,34 @@ def test_checker_names_each_broken_invariant():
     assert broken(raw_wc(9, K), max_length=8) == "length"
 
 
+def peak_bytes(fn) -> int:
+    """Peak bytes allocated while fn runs (numpy reports its buffers to tracemalloc): deterministic, unlike time."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_checker_is_linear_not_quadratic():
     wc = coarsest_wc(10**7, 32, 2, 64)  # ten million tokens, a few thousand entries: no T x W matrix
     check_invariants(wc, 2, 64)
+    # 16x the entries must cost about 16x the memory (fixed overhead makes it less); a W x W comparison would
+    # cost 256x, and a T x W one far more
+    small, large = (recency_wc(4 * w, 4, 2, w, 8) for w in (2000, 32000))
+    assert len(large) == 16 * len(small)
+    ratio = peak_bytes(lambda: check_invariants(large, 2, 8)) / peak_bytes(lambda: check_invariants(small, 2, 8))
+    assert ratio < 32, f"checking 16x the entries took {ratio:.0f}x the memory"
+
+
+def test_memory_probe_catches_a_quadratic_checker():
+    def quadratic_check(wc):
+        starts, ends = wc.spans()
+        return bool((starts[:, None] < ends[None, :]).any())  # every pair of entries: W x W
+
+    small, large = (recency_wc(4 * w, 4, 2, w, 8) for w in (500, 8000))
+    assert peak_bytes(lambda: quadratic_check(large)) / peak_bytes(lambda: quadratic_check(small)) > 32
 
 
 @settings(max_examples=60, deadline=None)

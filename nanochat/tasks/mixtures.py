@@ -91,12 +91,17 @@ def _val_mixture(source: str) -> Task:
 # ------------------------------------------------------------------------------------------------
 # chat_eval tasks
 
-OFFLINE_EVAL_TASKS = ("Arithmetic", "Spelling", "MultipleChoice")
+OFFLINE_EVAL_TASKS = ("Arithmetic", "Spelling", "MultipleChoice", "HumanEval")  # HumanEval: a packaged data file
 HUB_EVAL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K")
 
 
-def eval_task(name: str) -> Task:
-    """The test split of a chat_eval task, by its chat_eval name."""
+def eval_task(name: str, code_timeout_s: float | None = None, code_memory_mb: int | None = None) -> Task:
+    """The test split of a chat_eval task, by its chat_eval name; the code_* limits apply to HumanEval's sandbox."""
+    if name == "HumanEval":
+        from nanochat.tasks.humaneval import HumanEval
+
+        limits = {"timeout_s": code_timeout_s, "memory_mb": code_memory_mb}
+        return HumanEval(**{k: v for k, v in limits.items() if v is not None})
     if name == "Arithmetic":
         return Arithmetic("test")
     if name == "Spelling":

@@ -6,11 +6,13 @@ Endpoints:
                                 server-sent events: data: {"token": "..."} ... data: {"done": true, ...}
     POST /v1/chat/completions   OpenAI-compatible: "stream": true -> chat.completion.chunk events + data: [DONE];
                                 otherwise one chat.completion JSON with choices[0].message.content and usage
+    GET  /v1/models             OpenAI-compatible list with the one model served (clients ask for it first)
     GET  /health                {"status": "ok", "ready": ..., "workers": ..., "available": ...}
     GET  /stats                 workers, busy, waiting, requests served / cancelled / failed / rejected, tokens
 
 Errors are JSON {"error": {"message": ..., "type": ..., "param": ..., "code": status}}: 400 for invalid input
-(see nanochat.web.limits), 413 for an oversized body, 503 when no worker frees up in time.
+(see nanochat.web.limits), 404 for an unknown path, 405 for a wrong method, 413 for an oversized body, 503 when
+no worker frees up in time or too many requests already wait.
 
 Streaming: the reply runs on a worker thread (nanochat.web.pool); between tokens the handler checks whether the
 client is still connected, and a client that leaves cancels its reply, which frees the worker.
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from nanochat.web.generation import SamplingParams, prompt_ids
@@ -33,6 +36,8 @@ from nanochat.web.pool import Job, PoolBusyError, WorkerPool
 
 UI_PATH = Path(__file__).with_name("ui.html")
 DISCONNECT_POLL_S = 0.25  # while the model is slow to produce a token, look for a vanished client this often
+ENDPOINTS = ("GET /", "POST /chat/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health",
+             "GET /stats")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
 
 
@@ -167,6 +172,20 @@ def create_app(pool: WorkerPool, defaults: SamplingDefaults | None = None, limit
     async def on_request_error(request: Request, exc: RequestError):
         return JSONResponse(error_body(exc.status, exc.message, "invalid_request_error", exc.param), exc.status)
 
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException):
+        """Unknown paths (404) and wrong methods (405) answer in the same error format as everything else."""
+        if exc.status_code == 404:
+            message = f"no endpoint at {request.url.path}; the endpoints are {', '.join(ENDPOINTS)}"
+            kind = "not_found_error"
+        elif exc.status_code == 405:
+            allowed = exc.headers.get("Allow", "") if exc.headers else ""
+            message = f"{request.method} is not allowed on {request.url.path}; use {allowed or 'another method'}"
+            kind = "method_not_allowed"
+        else:
+            message, kind = str(exc.detail), "http_error"
+        return JSONResponse(error_body(exc.status_code, message, kind), exc.status_code, headers=exc.headers)
+
     @app.exception_handler(PoolBusyError)
     async def on_busy(request: Request, exc: PoolBusyError):
         return JSONResponse(error_body(503, str(exc), "server_busy"), 503, headers={"Retry-After": "1"})
@@ -180,6 +199,11 @@ def create_app(pool: WorkerPool, defaults: SamplingDefaults | None = None, limit
         stats = pool.stats()
         return {"status": "ok", "ready": True, "model": model_name, "workers": stats["workers"],
                 "available": stats["available"]}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(pool.started_at),
+                                            "owned_by": "nanochat"}]}
 
     @app.get("/stats")
     async def stats():

@@ -45,6 +45,11 @@ class Limits:
     max_message_chars: int = MAX_MESSAGE_CHARS
     max_total_chars: int = MAX_TOTAL_CHARS
 
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+
 
 @dataclass(frozen=True)
 class SamplingDefaults:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -79,8 +80,9 @@ class WorkerPool:
         self.max_waiting = max_waiting
         self.started_at = time.time()
         self.counts = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0, "tokens": 0}
-        self.waiting = 0
-        self._free: asyncio.Queue | None = None
+        self.waiting_peak = 0  # the most requests ever waiting at once (never above max_waiting)
+        self._free: list[Worker] = list(reversed(self.workers))  # pop() takes worker 0 first
+        self._waiters: deque[asyncio.Future] = deque()  # requests waiting for a worker, oldest first
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running: dict[int, Job] = {}
 
@@ -93,32 +95,66 @@ class WorkerPool:
         """Tokens the model was trained to read (prompt + reply); replies stop there."""
         return self.workers[0].engine.model.config.sequence_len
 
-    def _free_queue(self) -> asyncio.Queue:
-        """The queue of free workers, created on first use in the serving event loop (it binds to that loop)."""
+    def _check_loop(self) -> None:
+        """A pool serves one event loop (its futures bind to it); remember it on first use."""
         loop = asyncio.get_running_loop()
-        if self._free is None:
-            self._loop, self._free = loop, asyncio.Queue()
-            for worker in self.workers:
-                self._free.put_nowait(worker)
+        if self._loop is None:
+            self._loop = loop
         assert self._loop is loop, "a WorkerPool serves a single event loop"
-        return self._free
 
     async def acquire(self) -> Worker:
-        free = self._free_queue()
-        if free.empty() and self.waiting >= self.max_waiting:
+        """A free worker, or `PoolBusyError` when `max_waiting` requests already wait or none frees up in time.
+
+        Waiting requests are served first come, first served: a freed worker is handed straight to the oldest
+        waiter (see `_release`), so a request arriving at that moment cannot jump the queue, and the number of
+        waiting requests never exceeds `max_waiting`."""
+        self._check_loop()
+        if self._free:
+            return self._take(self._free.pop())
+        if len(self._waiters) >= self.max_waiting:
             self.counts["rejected"] += 1
-            raise PoolBusyError(f"all {len(self.workers)} workers are busy and {self.waiting} requests are already "
-                                "waiting; retry later")
-        self.waiting += 1
+            raise PoolBusyError(f"all {len(self.workers)} workers are busy and {len(self._waiters)} requests are "
+                                f"already waiting (the limit is {self.max_waiting}); retry later")
+        handoff: asyncio.Future = self._loop.create_future()
+        self._waiters.append(handoff)
+        self.waiting_peak = max(self.waiting_peak, len(self._waiters))
         try:
-            worker = await asyncio.wait_for(free.get(), self.queue_timeout)
-        except TimeoutError:
+            await asyncio.wait([handoff], timeout=self.queue_timeout)
+        except asyncio.CancelledError:  # the request itself was cancelled while waiting
+            self._withdraw(handoff)
+            raise
+        if not handoff.done():
+            self._withdraw(handoff)
             self.counts["rejected"] += 1
-            raise PoolBusyError(f"no worker became free within {self.queue_timeout:g} s; retry later") from None
-        finally:
-            self.waiting -= 1
+            raise PoolBusyError(f"no worker became free within {self.queue_timeout:g} s; retry later")
+        return self._take(handoff.result())
+
+    def _withdraw(self, handoff: asyncio.Future) -> None:
+        """A waiter leaves: out of the queue, or, if a worker was already handed to it, the worker goes on."""
+        if handoff.done():
+            self._release(handoff.result())
+        else:
+            handoff.cancel()
+            self._waiters.remove(handoff)
+
+    @staticmethod
+    def _take(worker: Worker) -> Worker:
         worker.busy = True
         return worker
+
+    def _release(self, worker: Worker) -> None:
+        """Event loop: hand `worker` to the oldest waiting request, or put it back among the free ones."""
+        worker.busy = False
+        while self._waiters:
+            handoff = self._waiters.popleft()
+            if not handoff.done():
+                handoff.set_result(worker)
+                return
+        self._free.append(worker)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
 
     def start(self, worker: Worker, prompt: list[int], params: SamplingParams) -> Job:
         """Run one reply on `worker`'s thread (the worker must come from `acquire`; it is released when done)."""
@@ -157,8 +193,7 @@ class WorkerPool:
         self._running.pop(worker.index, None)
         job.done = True
         job._events.put_nowait(("end", None))
-        worker.busy = False
-        self._free.put_nowait(worker)
+        self._release(worker)
 
     def stats(self) -> dict:
         busy = sum(w.busy for w in self.workers)
@@ -167,6 +202,8 @@ class WorkerPool:
             "busy": busy,
             "available": len(self.workers) - busy,
             "waiting": self.waiting,
+            "waiting_peak": self.waiting_peak,
+            "max_waiting": self.max_waiting,
             "requests_served": self.counts["served"],
             "requests_cancelled": self.counts["cancelled"],
             "requests_failed": self.counts["failed"],
