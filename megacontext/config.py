@@ -76,9 +76,11 @@ class MCConfig:
     mc_train_wc_length: float = 0.2
     mc_max_counterfactuals: int = 8
     mc_lens_loss_weight: float = 0.1
-    # Bradley-Terry scale in nats: the measured RMS of tail-loss differences between random variants of one row
-    # (`mc/pair_delta_rms`), 0.31 at 80 % length to 0.53 at 20 % on a trained d4 base (K=8, 4 variants, fresh nets)
-    mc_lens_temperature: float = 0.3
+    # Bradley-Terry scale in nats, set to the measured RMS of tail-loss differences between random variants of a row
+    # (`mc/pair_delta_rms`): 0.006 -> 0.02 over a 150-step CPU --mc base run (d4, T=512, K=8; 0.034 on val at the
+    # end), 0.3-0.5 for fresh nets on a trained d4 base. It grows as gists become useful; --mc_lens_adv_norm_beta
+    # makes the fit scale-free (then 1.0 is one running RMS).
+    mc_lens_temperature: float = 0.05
     mc_lens_adv_norm_beta: float = 0.0
     mc_lens_kl_weight: float = 0.0
     mc_lens_budget_smooth_weight: float = 0.0

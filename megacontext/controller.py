@@ -34,7 +34,7 @@ import torch
 from megacontext.allocator import AllocatorConfig, FocusAllocator
 from megacontext.config import ARCHITECTURE_FIELDS, MCConfig
 from megacontext.lens_training import LensObjective
-from megacontext.lensnet import build_variant_membership, preference_correlation
+from megacontext.lensnet import build_variant_membership
 from megacontext.mc_metrics import StepMetrics, percentile
 from megacontext.nets import AUX_KEY, MCNets, has_mc_nets
 from megacontext.telemetry import NoOpTelemetry, TelemetryProvider
@@ -239,7 +239,7 @@ class MCController:
             lens_loss, pred_delta, measured_delta = self.lens.pair_loss(scores[sel], membership, labels)
         report = self._refocus_report(wcs[0], scores[0, : len(wcs[0])], step)
         return {"lens_loss": lens_loss, "kl": kl, "budget": budget, "report": report,
-                "corr": -preference_correlation(pred_delta, measured_delta) if pred_delta.numel() else float("nan"),
+                "pred_delta": pred_delta, "measured_delta": measured_delta,
                 "delta_rms": float(measured_delta.square().mean().sqrt()) if measured_delta.numel() else float("nan")}
 
     def _refocus_report(self, wc, scores, step):
@@ -278,7 +278,7 @@ class MCController:
             if sel.any():
                 m.add(f"mc/lod{k}_loss", float(var_tail[sel].mean()), weight=int(sel.sum()))
         m.add("mc/lens_loss", float(lens_out["lens_loss"].detach()))
-        m.add("mc/preference_corr_mean", lens_out["corr"])
+        m.add_pairs(lens_out["pred_delta"], lens_out["measured_delta"])
         m.add("mc/pair_delta_rms", lens_out["delta_rms"])
         m.add("mc/swap_rate", lens_out["report"].swap_rate)
         m.add("mc/residency", 1.0 - lens_out["report"].swap_rate)

@@ -117,7 +117,7 @@ def train_step(model, optimizers, micro_batches, lrm: float, momentum: float | N
     """One optimizer step over this rank's micro-batches [(x, y)], loss = mean over all supervised tokens of all
     ranks (see module doc). `loss_sum_fn(x, y)` returns a micro-batch's loss SUMMED over its supervised tokens
     (`model_loss_sum(train_model)` for a plain GPT), or (objective to backward, loss to report) when training adds
-    terms of its own; `extra_params` are trained alongside the model (averaged, clipped, zeroed with it).
+    terms of its own; `extra_params` are trained alongside the model (averaged and zeroed with it, clipped apart).
     Returns (loss, grad norm, supervised tokens over all ranks)."""
     apply_schedules(optimizers, lrm, momentum)
     device = model.get_device()
@@ -136,7 +136,9 @@ def train_step(model, optimizers, micro_batches, lrm: float, momentum: float | N
     params = list(model.parameters()) + list(extra_params)
     all_reduce_gradients(params)
     max_norm = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if extra_params:
+        torch.nn.utils.clip_grad_norm_(list(extra_params), max_norm)  # clipped on their own: the model's as before
     for opt in optimizers:
         opt.step()
     for p in params:

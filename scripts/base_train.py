@@ -397,7 +397,9 @@ def train_step(args, step: int, run: Run) -> StepResult:
     all_reduce_gradients(run.params)  # every rank now holds the global batch's mean gradient
     run.objective.end_step()
     clip = args.grad_clip if args.grad_clip > 0 else float("inf")  # inf: measure the norm, clip nothing
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)  # as without --mc
+    if run.objective.parameters():
+        torch.nn.utils.clip_grad_norm_(run.objective.parameters(), clip)  # the MC nets on their own
     for opt in run.optimizers:
         opt.step()
     for p in run.params:

@@ -10,6 +10,7 @@ from megacontext.config import MCConfig
 from megacontext.controller import MCController, VanillaObjective, config_for_checkpoint, training_objective
 from megacontext.lens_training import LensObjective, hard_negative_pairs, policy_kl_to_neutral
 from megacontext.lensnet import preference_correlation
+from megacontext.mc_metrics import StepMetrics
 from megacontext.variants import START_FRACTION, wc_length_fraction, wc_targets
 from megacontext.wc_inputs import next_token_targets
 from nanochat.gpt import GPT, GPTConfig
@@ -174,6 +175,12 @@ def test_preference_corr_is_near_minus_one_when_lensnet_agrees_with_the_measured
     # mc/preference_corr_mean = -corr(predicted Δloss, measured Δloss): -1 when LensNet predicts the measured gaps
     assert -preference_correlation(measured * 2.0, measured) == pytest.approx(-1.0)
     assert -preference_correlation(-measured, measured) == pytest.approx(1.0)
+    metrics = StepMetrics(max_level=2)  # pooled over micro-batches of one pair each (one-pair Pearson is undefined)
+    for i in range(4):
+        metrics.add_pairs(measured[i:i + 1] * 3.0, measured[i:i + 1])
+    assert metrics.collect()["mc/preference_corr_mean"] == pytest.approx(-1.0)
+    metrics.add_pairs(torch.zeros(4), measured)  # an untrained LensNet predicts no differences: undefined, left out
+    assert "mc/preference_corr_mean" not in metrics.collect()
 
 
 def test_sampling_depends_on_step_and_row_not_on_the_batch_layout():
