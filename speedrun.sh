@@ -3,6 +3,7 @@
 # Downloads the pretraining corpus, trains the tokenizer, then base -> mid -> SFT with torchrun, evals, report.
 #
 #   bash speedrun.sh            # NPROC=4 bash speedrun.sh on fewer GPUs (gradient accumulation keeps the batch)
+#   bash speedrun.sh --mc --block_size 32   # with MegaContext: --mc and its knobs reach every training stage
 #
 # Re-running resumes: finished stages are skipped and interrupted ones continue from their checkpoints.
 # Settings in .mc_env (written by mc_setup) are sourced first.
@@ -10,10 +11,15 @@ set -euo pipefail
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")"
 source ./recipes/common.sh
 
-case "${1:-}" in
-  "") ;;
-  -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
-  *) die "unknown option '$1'" ;;
-esac
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *)
+      take_mc_option "$@"
+      [ "$MC_TAKEN" -gt 0 ] || unknown_option "$(basename "$0") takes --mc" "$1"
+      shift "$MC_TAKEN" ;;
+  esac
+done
+check_mc_options
 
 run_multi_gpu_recipe 20 240 32

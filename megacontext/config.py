@@ -31,6 +31,9 @@ AUX_DTYPES = ("auto", "fp32", "bf16")
 # 8 / 32 / 128 are the measured settings; any power of two in range works (tests use 2 and 4 for tiny trees).
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 2, 1024
 MAX_LOD_LIMIT = 8
+# Settings that shape the MC nets' weights: a checkpoint's values win over the command line when continuing it.
+ARCHITECTURE_FIELDS = ("block_size", "mc_max_lod", "gistnet_type", "gistnet_layers", "gistnet_pooling",
+                       "gistnet_head", "lensnet_type", "lensnet_layers", "lensnet_head")
 
 
 @dataclass
@@ -73,7 +76,17 @@ class MCConfig:
     mc_train_wc_length: float = 0.2
     mc_max_counterfactuals: int = 8
     mc_lens_loss_weight: float = 0.1
-    mc_lens_temperature: float = 1.0
+    # Bradley-Terry scale in nats, set to the measured RMS of tail-loss differences between random variants of a row
+    # (`mc/pair_delta_rms`): 0.006 -> 0.02 over a 150-step CPU --mc base run (d4, T=512, K=8; 0.034 on val at the
+    # end), 0.3-0.5 for fresh nets on a trained d4 base. It grows as gists become useful; --mc_lens_adv_norm_beta
+    # makes the fit scale-free (then 1.0 is one running RMS).
+    mc_lens_temperature: float = 0.05
+    mc_lens_adv_norm_beta: float = 0.0
+    mc_lens_kl_weight: float = 0.0
+    mc_lens_budget_smooth_weight: float = 0.0
+    mc_lens_budget_smooth_beta: float = 0.9
+    mc_lens_hard_negative_ratio: float = 1.0
+    mc_lr: float = 3e-3
     mc_auto_batch: bool = True
 
     # ------------------------------------------------------------------ derived values
@@ -217,11 +230,20 @@ class MCConfig:
             f"--mc_num_random_variants must be >= 1 (got {self.mc_num_random_variants})",
         )
         _require(
-            self.mc_max_counterfactuals >= 0,
-            f"--mc_max_counterfactuals must be >= 0 (got {self.mc_max_counterfactuals})",
+            self.mc_max_counterfactuals >= 1,
+            f"--mc_max_counterfactuals must be >= 1 (got {self.mc_max_counterfactuals})",
         )
-        _require(self.mc_lens_loss_weight >= 0, f"--mc_lens_loss_weight must be >= 0 (got {self.mc_lens_loss_weight})")
+        for name in ("mc_lens_loss_weight", "mc_lens_kl_weight", "mc_lens_budget_smooth_weight"):
+            _require(getattr(self, name) >= 0, f"--{name} must be >= 0 (got {getattr(self, name)})")
         _require(self.mc_lens_temperature > 0, f"--mc_lens_temperature must be > 0 (got {self.mc_lens_temperature})")
+        for name in ("mc_lens_adv_norm_beta", "mc_lens_budget_smooth_beta"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"--{name} is an EMA decay in [0, 1) (got {getattr(self, name)})")
+        _require(
+            0.0 < self.mc_lens_hard_negative_ratio <= 1.0,
+            f"--mc_lens_hard_negative_ratio is the kept fraction of pairs in (0, 1] (got "
+            f"{self.mc_lens_hard_negative_ratio})",
+        )
+        _require(self.mc_lr > 0, f"--mc_lr must be > 0 (got {self.mc_lr})")
 
     # ------------------------------------------------------------------ precision
     def resolve_aux_dtype(self, device_type: str) -> torch.dtype:
@@ -271,7 +293,6 @@ def add_mc_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     d = MCConfig()
     g = parser.add_argument_group("MegaContext")
     g.add_argument("--mc", action="store_true", help="enable MegaContext (tree + working context + allocator)")
-    add_flag(g, "--mc_enabled", type=str2bool, dest="mc", default=False, help="same as --mc, as 1|0")
     add_flag(g, "--block_size", type=int, default=d.block_size, help="tokens per gist block K (8, 32, 128)")
     add_flag(g, "--mc_max_lod", type=int, default=d.mc_max_lod, help="highest gist level of the tree")
     add_flag(g, "--mc_tree", choices=TREE_BACKENDS, default=d.mc_tree, help="tree storage backend")
@@ -283,16 +304,9 @@ def add_mc_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     add_flag(g, "--lensnet_type", choices=LENSNET_TYPES, default=d.lensnet_type)
     add_flag(g, "--lensnet_layers", type=int, default=d.lensnet_layers)
     add_flag(g, "--lensnet_head", choices=HEADS, default=d.lensnet_head)
-    add_flag(g, "--allocator_type", "--allocator", choices=ALLOCATOR_TYPES, default=d.allocator_type)
-    add_flag(
-        g,
-        "--allocator_soft_max_length",
-        "--allocator_soft_max",
-        "--allocator-soft-max",
-        type=int,
-        default=None,
-        help="WC length the allocator aims for (default: W_max)",
-    )
+    add_flag(g, "--allocator_type", choices=ALLOCATOR_TYPES, default=d.allocator_type)
+    add_flag(g, "--allocator_soft_max_length", type=int, default=None,
+             help="WC length the allocator aims for (default: W_max - refocus interval)")
     add_flag(g, "--allocator_recent_tokens", type=int, default=None, help="raw tail kept at level 0 (default: K)")
     add_flag(g, "--allocator_expand_threshold", type=float, default=d.allocator_expand_threshold)
     add_flag(g, "--allocator_collapse_threshold", type=float, default=d.allocator_collapse_threshold)
@@ -302,13 +316,27 @@ def add_mc_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     add_flag(g, "--allocator_sample_temperature", type=float, default=d.allocator_sample_temperature)
     add_flag(g, "--allocator_cooldown", type=int, default=d.allocator_cooldown, help="steps before an edit may flip")
     add_flag(g, "--mc_wc_max", type=int, default=None, help="W_max, the WC length cap (default: max_seq_len)")
-    add_flag(g, "--mc_positional", "--positional_type", "--positional-type", choices=POSITIONAL_SCHEMES, default="wc")
+    add_flag(g, "--mc_positional", choices=POSITIONAL_SCHEMES, default="wc", help="rotary positions of WC entries")
     add_flag(g, "--mc_refocus_interval", type=int, default=None, help="tokens between refocus steps (default: K)")
     add_flag(g, "--mc_aux_dtype", choices=AUX_DTYPES, default=d.mc_aux_dtype)
     add_flag(g, "--mc_num_random_variants", type=int, default=d.mc_num_random_variants)
     add_flag(g, "--mc_train_wc_length", type=float, default=d.mc_train_wc_length, help="fraction of max_seq_len")
     add_flag(g, "--mc_max_counterfactuals", type=int, default=d.mc_max_counterfactuals)
     add_flag(g, "--mc_lens_loss_weight", type=float, default=d.mc_lens_loss_weight)
-    add_flag(g, "--mc_lens_temperature", type=float, default=d.mc_lens_temperature)
+    add_flag(g, "--mc_lens_temperature", type=float, default=d.mc_lens_temperature,
+             help="Bradley-Terry scale in nats of tail loss (lower = sharper)")
+    add_flag(g, "--mc_lens_adv_norm_beta", type=float, default=d.mc_lens_adv_norm_beta,
+             help="EMA decay of the advantage normalisation (0: off)")
+    add_flag(g, "--mc_lens_kl_weight", type=float, default=d.mc_lens_kl_weight,
+             help="weight of LensNet's KL to the neutral (no-edit) policy")
+    add_flag(g, "--mc_lens_budget_smooth_weight", type=float, default=d.mc_lens_budget_smooth_weight,
+             help="weight of the budget smoothing penalty (0: off)")
+    add_flag(g, "--mc_lens_budget_smooth_beta", type=float, default=d.mc_lens_budget_smooth_beta,
+             help="EMA decay of the budget demand")
+    add_flag(g, "--mc_lens_hard_negative_ratio", type=float, default=d.mc_lens_hard_negative_ratio,
+             help="fraction of variant pairs kept, largest |measured Δloss| first (1: all)")
+    add_flag(g, "--mc_lr", type=float, default=d.mc_lr, help="AdamW lr of GistNet, LensNet and the level embedding")
+    add_flag(g, "--mc_telemetry_jsonl", default=None,
+             help="write MC telemetry events to this JSONL file (MC_OTEL_ENDPOINT, when set, wins: OTLP)")
     add_flag(g, "--mc_auto_batch", type=str2bool, default=d.mc_auto_batch, help="keep the vanilla token budget (1|0)")
     return g

@@ -31,8 +31,9 @@ The KL is >= 0 and is 0 exactly when every predicted difference equals the measu
 outlier-robust regression on Δloss that reads as a preference model. τ is the scale (in nats of mean target loss)
 within which magnitudes are fitted: differences beyond a few τ only count by their sign. `targets="hard"` uses the classic BT label
 1[ℓ_v < ℓ_w] instead (the τ → 0 limit of the target; the loss then stays > 0). `preference_correlation` is the
-Pearson correlation of predicted and measured Δloss over the same pairs: +1 is perfect. (Correlating scores with
-ΔNLL instead would flip the sign; `mc/preference_corr_mean` compares like with like, so higher is better.)
+Pearson correlation of predicted and measured Δloss over the same pairs: +1 is perfect. (The training metric
+`mc/preference_corr_mean` correlates predicted utility, −Δ predicted loss, with the measured ΔNLL instead, so
+there −1 is perfect.)
 
 Shapes: B rows, W entries (padded), D base width, d = d_lens, Q tail queries, N variants, M table nodes, P pairs.
 """

@@ -113,10 +113,12 @@ def model_loss_sum(train_model):
 
 
 def train_step(model, optimizers, micro_batches, lrm: float, momentum: float | None, grad_clip: float,
-               device_type: str, loss_sum_fn) -> tuple[float, float, int]:
+               device_type: str, loss_sum_fn, extra_params=()) -> tuple[float, float, int]:
     """One optimizer step over this rank's micro-batches [(x, y)], loss = mean over all supervised tokens of all
     ranks (see module doc). `loss_sum_fn(x, y)` returns a micro-batch's loss SUMMED over its supervised tokens
-    (`model_loss_sum(train_model)` for a plain GPT). Returns (loss, grad norm, supervised tokens over all ranks)."""
+    (`model_loss_sum(train_model)` for a plain GPT), or (objective to backward, loss to report) when training adds
+    terms of its own; `extra_params` are trained alongside the model (averaged and zeroed with it, clipped apart).
+    Returns (loss, grad norm, supervised tokens over all ranks)."""
     apply_schedules(optimizers, lrm, momentum)
     device = model.get_device()
     count = sum(int((y >= 0).sum()) for _, y in micro_batches)
@@ -127,15 +129,20 @@ def train_step(model, optimizers, micro_batches, lrm: float, momentum: float | N
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     for x, y in micro_batches:
         with autocast_context(device_type):
-            loss = loss_sum_fn(x, y)
+            out = loss_sum_fn(x, y)
+        objective, loss = out if isinstance(out, tuple) else (out, out)
         loss_sum += loss.detach().float()
-        (loss * (world / total)).backward()
-    all_reduce_gradients(model)
+        (objective * (world / total)).backward()
+    params = list(model.parameters()) + list(extra_params)
+    all_reduce_gradients(params)
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if extra_params:
+        torch.nn.utils.clip_grad_norm_(list(extra_params), max_norm)  # clipped on their own: the model's as before
     for opt in optimizers:
         opt.step()
-    model.zero_grad(set_to_none=True)
+    for p in params:
+        p.grad = None
     loss_value = _all_reduce_sum(loss_sum).item() / total
     return loss_value, float(grad_norm.item()), total
 

@@ -24,6 +24,7 @@ class StepResult:
     epoch: float | None = None  # shown in the progress line when known
     tokens: int | None = None  # tokens computed this step when it varies (padded SFT batches); None: fixed
     logs: dict = dataclasses.field(default_factory=dict)  # extra W&B fields, e.g. "train/supervised_tokens"
+    note: str = ""  # appended to the progress line, e.g. MegaContext's loss and controller time
 
 
 def due(step: int, every: int, last: bool, at_zero: bool = True) -> bool:
@@ -55,7 +56,7 @@ def run_steps(*, start_step: int, num_iterations: int, save_every: int, meter: P
         losses.append(result.loss)
         if result.tokens is not None:
             meter.tokens_per_step = result.tokens
-        print0(meter.update(index + 1, result.loss, result.lrm, dt, result.epoch), flush=True)
+        print0(meter.update(index + 1, result.loss, result.lrm, dt, result.epoch) + result.note, flush=True)
         wandb_run.log({"step": index + 1, "train/loss": result.loss, "train/lrm": result.lrm, "train/dt": dt,
                        "train/grad_norm": result.grad_norm, "train/tok_per_sec": meter.tokens_per_step / dt,
                        **result.logs})

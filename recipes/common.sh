@@ -115,7 +115,10 @@ stage_train() {
 # run_multi_gpu_recipe DEPTH SHARDS DEVICE_BATCH: the 8xH100 recipes (speedrun.sh, run1000.sh) differ only in these.
 run_multi_gpu_recipe() {
   local depth="$1" shards="$2" dbs="$3"
-  local tag="d$depth"
+  mc_stage_args
+  local tag="d$depth$MC_SUFFIX" mc=("${MC_STAGE_ARGS[@]+"${MC_STAGE_ARGS[@]}"}")
+  mc_chat_stage_args "$tag"
+  local mc_chat=("${MC_CHAT_ARGS[@]+"${MC_CHAT_ARGS[@]}"}")
   local torchrun=(torchrun --standalone --nproc_per_node="${NPROC:-8}")
   require_gpus "${NPROC:-8}" "${0##*/}"
   recipe_setup --gpu
@@ -123,14 +126,79 @@ run_multi_gpu_recipe() {
   stage_data_download 8 "$shards"
   stage_tokenizer --vocab-size=65536
   wait_for_data
-  stage_train base_train base "$tag" "${torchrun[@]}" -m scripts.base_train -- --run="$run" --depth="$depth" \
-    --device-batch-size="$dbs" --save-every=2000
+  stage_train "base_train$MC_SUFFIX" base "$tag" "${torchrun[@]}" -m scripts.base_train -- --run="$run" \
+    --depth="$depth" --device-batch-size="$dbs" --save-every=2000 "${mc[@]+"${mc[@]}"}"
   stage_once base_loss "${torchrun[@]}" -m scripts.base_loss
   stage_once base_eval "${torchrun[@]}" -m scripts.base_eval
-  stage_train mid_train mid "$tag" "${torchrun[@]}" -m scripts.mid_train -- --run="$run" --device-batch-size="$dbs" \
-    --save-every=500
-  stage_train chat_sft sft "$tag" "${torchrun[@]}" -m scripts.chat_sft -- --run="$run" --save-every=500
+  stage_train "mid_train$MC_SUFFIX" mid "$tag" "${torchrun[@]}" -m scripts.mid_train -- --run="$run" \
+    --device-batch-size="$dbs" --save-every=500 "${mc_chat[@]+"${mc_chat[@]}"}"
+  stage_train "chat_sft$MC_SUFFIX" sft "$tag" "${torchrun[@]}" -m scripts.chat_sft -- --run="$run" --save-every=500 \
+    "${mc_chat[@]+"${mc_chat[@]}"}"
   stage_once chat_eval "${torchrun[@]}" -m scripts.chat_eval -- -i sft --run="$run"
   python -m scripts.chat_cli -p "Why is the sky blue?"
   stage_report
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# MegaContext: `--mc` plus its knobs, passed through to every training stage. The names are the flags of
+# megacontext/config.py's add_mc_args (tests/test_recipes_mc.py keeps the two lists equal).
+MC_KNOBS=(block_size mc_max_lod mc_tree mc_tree_dir gistnet_type gistnet_layers gistnet_pooling gistnet_head
+  lensnet_type lensnet_layers lensnet_head allocator_type allocator_soft_max_length allocator_recent_tokens
+  allocator_expand_threshold allocator_collapse_threshold allocator_max_replacements allocator_iterations
+  allocator_sample_top_k allocator_sample_temperature allocator_cooldown mc_wc_max mc_positional mc_refocus_interval
+  mc_aux_dtype mc_num_random_variants mc_train_wc_length mc_max_counterfactuals mc_lens_loss_weight
+  mc_lens_temperature mc_lens_adv_norm_beta mc_lens_kl_weight mc_lens_budget_smooth_weight
+  mc_lens_budget_smooth_beta mc_lens_hard_negative_ratio mc_lr mc_telemetry_jsonl mc_auto_batch)
+MC=0
+MC_ARGS=()
+
+# take_mc_option ARGS...: if $1 is --mc or an MC knob (`--knob V`, `--knob=V`, dash or underscore spelling),
+# record it and set MC_TAKEN to the words used (1 or 2); otherwise MC_TAKEN=0.
+take_mc_option() {
+  MC_TAKEN=0
+  local opt="$1" name known
+  if [ "$opt" = --mc ]; then MC=1; MC_TAKEN=1; return; fi
+  case "$opt" in --*) ;; *) return ;; esac
+  name="${opt#--}"; name="${name%%=*}"; name="${name//-/_}"
+  for known in "${MC_KNOBS[@]}"; do
+    if [ "$name" = "$known" ]; then
+      if [[ "$opt" == *=* ]]; then
+        MC_ARGS+=("--$name=${opt#*=}"); MC_TAKEN=1
+      else
+        [ $# -ge 2 ] || die "$opt needs a value"
+        MC_ARGS+=("--$name=$2"); MC_TAKEN=2
+      fi
+      return
+    fi
+  done
+}
+
+# unknown_option SCRIPT_USAGE OPT: the error for anything neither the recipe nor MegaContext knows.
+unknown_option() {
+  die "unknown option '$2' ($1; with --mc also --$(printf '%s|--' "${MC_KNOBS[@]}" | sed 's/|--$//'))"
+}
+
+# check_mc_options: knobs without --mc would silently do nothing; refuse them before any work.
+check_mc_options() {
+  if [ "$MC" = 0 ] && [ ${#MC_ARGS[@]} -gt 0 ]; then
+    die "MegaContext knobs (${MC_ARGS[*]}) need --mc"
+  fi
+}
+
+# mc_stage_args: the flags every training stage gets (none without --mc); MC_SUFFIX separates MC checkpoints and
+# stage markers (d12 -> d12_mc) so an MC run never resumes or skips on a vanilla one.
+mc_stage_args() {
+  if [ "$MC" = 1 ]; then
+    MC_STAGE_ARGS=(--mc "${MC_ARGS[@]+"${MC_ARGS[@]}"}")
+    MC_SUFFIX=_mc
+  else
+    MC_STAGE_ARGS=()
+    MC_SUFFIX=""
+  fi
+}
+
+# mc_chat_stage_args TAG: MC_STAGE_ARGS plus, under --mc, the MC model tag mid / SFT start from and save under.
+mc_chat_stage_args() {
+  MC_CHAT_ARGS=("${MC_STAGE_ARGS[@]+"${MC_STAGE_ARGS[@]}"}")
+  if [ "$MC" = 1 ]; then MC_CHAT_ARGS+=(--model-tag="$1"); fi
 }

@@ -31,6 +31,10 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from megacontext.config import MCConfig, add_mc_args
+from megacontext.mc_metrics import progress_note
+from megacontext.nets import mc_model_tag
+from megacontext.train_wiring import auto_batch, objective_for_run
 from nanochat.checkpoint_manager import list_steps, load_checkpoint
 from nanochat.common import (
     add_flag,
@@ -107,6 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "--compile", type=str2bool, default=None, help="torch.compile the model: 1|0 (default 1 on CUDA)")
     add_flag(p, "--seed", type=int, default=42, help="seed of the weight init")
     add_flag(p, "--loss-log", default=None, help="append one JSON line per step (loss, lrm, dt) and eval to PATH")
+    add_mc_args(p)
     argv = strip_separator(argv)  # `torchrun ... -m scripts.X -- --flags`
     args = p.parse_args(argv)
     for name in ("depth", "max_seq_len", "device_batch_size", "total_batch_size"):
@@ -185,9 +190,9 @@ def gather_loader_state(loader: PretrainLoader, ddp: bool) -> dict:
     return merge_states(gather_objects(loader.state_dict(), ddp))
 
 
-def resume(step, checkpoint_dir, model, optimizers, dist_info) -> dict:
-    """Load weights, this rank's optimizer shard and the run state of a saved step; return its meta."""
-    model_state, optim_states, meta, _ = load_checkpoint(checkpoint_dir, step, dist_info.device,
+def resume(step, checkpoint_dir, model, optimizers, dist_info) -> tuple[dict, dict]:
+    """Load weights, this rank's optimizer shard and the run state of a saved step; return its (meta, aux states)."""
+    model_state, optim_states, meta, aux = load_checkpoint(checkpoint_dir, step, dist_info.device,
                                                          load_optimizer=True, rank=dist_info.rank)
     if meta["model_config"] != dataclasses.asdict(model.config):
         raise ValueError(f"checkpoint step {step} in {checkpoint_dir} has model config "
@@ -195,7 +200,7 @@ def resume(step, checkpoint_dir, model, optimizers, dist_info) -> dict:
                          "with the same --depth / --max-seq-len and tokenizer")
     model.load_state_dict(model_state, strict=True)
     restore_optimizer_states(optimizers, optim_states)
-    return meta
+    return meta, aux
 
 
 def memory_summary(device: torch.device) -> str:
@@ -237,6 +242,8 @@ class Run:
     model: GPT
     train_model: torch.nn.Module  # `model`, or its torch.compile wrapper (same parameters)
     optimizers: list
+    objective: object  # megacontext.controller: VanillaObjective, or MCController under --mc
+    params: list  # every trained parameter: the model's and the objective's
     loader: PretrainLoader
     meter: ProgressMeter
     accum: int
@@ -256,22 +263,34 @@ class Run:
 
 def setup(args, dist_info) -> Run:
     device = dist_info.device
-    accum = grad_accum_steps(args.total_batch_size, args.device_batch_size, args.max_seq_len, dist_info.world_size)
+    mc_cfg = MCConfig.from_args(args)
     tokenizer = get_tokenizer()
     model = build_model(args, tokenizer.get_vocab_size(), device)
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
     num_iterations, horizon_source = training_horizon(args.num_iterations, args.target_flops,
                                                       args.target_param_data_ratio, num_params, flops_per_token,
                                                       args.total_batch_size)
+    plan = auto_batch(mc_cfg, args.device_batch_size, num_iterations)  # --mc_auto_batch; a no-op without --mc
+    args.device_batch_size, num_iterations = plan.device_batch_size, plan.num_iterations
+    if plan.message:
+        print0(plan.message)
+    accum = grad_accum_steps(args.total_batch_size, args.device_batch_size, args.max_seq_len, dist_info.world_size)
     optimizers = setup_optimizers(model, args)
-    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
+    use_compile = dist_info.device_type == "cuda" if args.compile is None else args.compile
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    objective, _ = objective_for_run(mc_cfg, model, train_model, num_iterations, args.seed, args.mc_telemetry_jsonl)
+    optimizers += objective.optimizers
+    tag = args.model_tag or f"d{args.depth}"
+    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", mc_model_tag(tag) if mc_cfg.mc else tag)
     peak = peak_flops(device)
     meter = ProgressMeter(num_iterations, args.total_batch_size, flops_per_token,
                           None if peak is None else peak * dist_info.world_size)
     start_step, loader_state, val_bpb, min_val_bpb = 0, None, None, None
     resume_from = resolve_resume_step(args.resume_from_step, checkpoint_dir)
     if resume_from >= 0:
-        meta = resume(resume_from, checkpoint_dir, model, optimizers, dist_info)
+        meta, aux = resume(resume_from, checkpoint_dir, model, optimizers, dist_info)
+        if mc_cfg.mc and not objective.load_checkpoint_parts(meta, aux):
+            raise ValueError(f"{checkpoint_dir} step {resume_from} has no MegaContext nets; resume it without --mc")
         start_step, loader_state, val_bpb = meta["step"], meta["dataloader_state"], meta["val_bpb"]
         min_val_bpb = meta["loop_state"]["min_val_bpb"]
         meter.load_state_dict(meta["loop_state"]["progress"])
@@ -281,8 +300,6 @@ def setup(args, dist_info) -> Run:
         print0(f"resumed from {checkpoint_dir} step {start_step}")
     loader = PretrainLoader(tokenizer, args.device_batch_size, args.max_seq_len, device, "train", dist_info.rank,
                             dist_info.world_size, accum, state=loader_state)
-    use_compile = dist_info.device_type == "cuda" if args.compile is None else args.compile
-    train_model = torch.compile(model, dynamic=False) if use_compile else model
 
     print0(f"model d{args.depth}: {num_params:,} params, width {model.config.n_embd}, {model.config.n_head} heads, "
            f"vocab {model.config.vocab_size}, {flops_per_token:.3e} FLOPs/token")
@@ -291,7 +308,8 @@ def setup(args, dist_info) -> Run:
     print0(f"horizon: {num_iterations:,} steps ({horizon_source}); {num_iterations * args.total_batch_size:,} tokens, "
            f"{num_iterations * args.total_batch_size / num_params:.2f} tokens/param; compile={int(use_compile)}")
     return Run(args=args, dist=dist_info, tokenizer=tokenizer, model=model, train_model=train_model,
-               optimizers=optimizers, loader=loader, meter=meter, accum=accum, num_iterations=num_iterations,
+               optimizers=optimizers, objective=objective, params=list(model.parameters()) + objective.parameters(),
+               loader=loader, meter=meter, accum=accum, num_iterations=num_iterations,
                start_step=start_step, checkpoint_dir=checkpoint_dir,
                wandb_run=init_wandb(args.run, vars(args).copy(), "nanochat", dist_info.is_master, get_base_dir()),
                loss_log=LossLog(args.loss_log, dist_info.is_master), token_bytes=get_token_bytes(device),
@@ -304,19 +322,22 @@ def run_eval(run: Run, step: int) -> None:
     run.model.eval()
     with autocast_context(run.dist.device_type):
         run.val_bpb = evaluate_bpb(run.train_model, run.val_batches, len(run.val_batches), run.token_bytes)
+        mc_val = run.objective.evaluate(run.val_batches, step)  # {} without --mc
     run.model.train()
     run.min_val_bpb = run.val_bpb if run.min_val_bpb is None else min(run.min_val_bpb, run.val_bpb)
-    print0(f"step {step:05d} | val bpb: {run.val_bpb:.4f}")
-    run.wandb_run.log({"step": step, "val/bpb": run.val_bpb})
-    run.loss_log.write(step=step, val_bpb=run.val_bpb)
+    print0(f"step {step:05d} | val bpb: {run.val_bpb:.4f}" + progress_note(mc_val, "mc_val/"))
+    run.wandb_run.log({"step": step, "val/bpb": run.val_bpb, **mc_val})
+    run.loss_log.write(step=step, val_bpb=run.val_bpb, **mc_val)
 
 
 def save_step(run: Run, step: int) -> None:
     """Checkpoint on every rank (each writes its optimizer shard); rank 0 writes weights and meta."""
+    aux, mc_meta = run.objective.checkpoint_parts()  # MC nets and their config ({} without --mc)
     save_run_checkpoint(run.checkpoint_dir, step, run.model, run.optimizers, run.dist, {
         "user_config": vars(run.args), "val_bpb": run.val_bpb,
         "dataloader_state": gather_loader_state(run.loader, run.dist.ddp),
-        "loop_state": {"progress": run.meter.state_dict(), "min_val_bpb": run.min_val_bpb}})
+        "loop_state": {"progress": run.meter.state_dict(), "min_val_bpb": run.min_val_bpb}, **mc_meta},
+        aux_states=aux)
     print0(f"saved checkpoint {run.checkpoint_dir} step {step}")
 
 
@@ -341,7 +362,7 @@ def train(args, dist_info) -> dict:
         start_step=run.start_step, num_iterations=run.num_iterations, save_every=args.save_every, meter=run.meter,
         wandb_run=run.wandb_run, evaluate=lambda step, last: run_evals(run, step, last),
         save=lambda step: save_step(run, step), step=lambda step: train_step(args, step, run),
-        after_step=lambda step, r, dt: run.loss_log.write(step=step, loss=r.loss, lrm=r.lrm, dt=dt))
+        after_step=lambda step, r, dt: run.loss_log.write(step=step, loss=r.loss, lrm=r.lrm, dt=dt, **r.logs))
     return finish(run)
 
 
@@ -370,21 +391,26 @@ def train_step(args, step: int, run: Run) -> StepResult:
     for _ in range(run.accum):
         x, y, _ = next(run.loader)  # (B, T) each
         with autocast_context(run.dist.device_type):
-            loss = run.train_model(x, y)
+            objective, loss = run.objective(x, y, step)  # objective = loss without --mc
         loss_sum += loss.detach()
-        (loss / run.accum).backward()  # sum of micro-batch means / accum = the mean of one big batch
-    all_reduce_gradients(run.model)  # every rank now holds the global batch's mean gradient
+        (objective / run.accum).backward()  # sum of micro-batch means / accum = the mean of one big batch
+    all_reduce_gradients(run.params)  # every rank now holds the global batch's mean gradient
+    run.objective.end_step()
     clip = args.grad_clip if args.grad_clip > 0 else float("inf")  # inf: measure the norm, clip nothing
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)  # as without --mc
+    if run.objective.parameters():
+        torch.nn.utils.clip_grad_norm_(run.objective.parameters(), clip)  # the MC nets on their own
     for opt in run.optimizers:
         opt.step()
-    run.model.zero_grad(set_to_none=True)
+    for p in run.params:
+        p.grad = None
     loss_avg = loss_sum / run.accum
     if run.dist.ddp:
         dist.all_reduce(loss_avg, op=dist.ReduceOp.SUM)
         loss_avg /= run.dist.world_size
     loss_value, grad_norm_value = loss_avg.item(), grad_norm.item()  # .item() waits for the GPU: dt is honest
-    return StepResult(loss_value, lrm, grad_norm_value, epoch=run.loader.epoch)
+    mc = run.objective.step_metrics()  # {} without --mc
+    return StepResult(loss_value, lrm, grad_norm_value, epoch=run.loader.epoch, logs=mc, note=progress_note(mc))
 
 
 if __name__ == "__main__":

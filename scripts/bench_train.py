@@ -9,14 +9,25 @@ compilation happens here) and then times --steps more on random token ids (throu
 Prints a markdown table: tokens/s, peak memory (CUDA max_memory_allocated; on CPU the process RSS, sampled after
 every step, which never shrinks, so later modes include earlier ones), MFU on GPUs with a known peak, the warmup
 time, and each mode's ratio to the first.
+
+    python -m scripts.bench_train --mc --depth=4 --max-seq-len=512 --device-batch-size=4 --block-size=8
+
+With --mc it instead compares a vanilla training step with an --mc step (MegaContext controller, --mc_* knobs as in
+training; 1 random variant unless --mc_num_random_variants says otherwise) on the same batch, alternating
+vanilla / MC steps so load changes on a shared machine hit both alike. It prints the cost per training token of
+--mc ÷ vanilla (targets: <= 1.5x) and the controller's share of the MC step (tree build, sampling, positions,
+LensNet, allocator; target: <= 10 %), plus the cost per position the GPT processes (variants included).
 """
 
 import argparse
+import statistics
 import time
 
 import psutil
 import torch
 
+from megacontext.config import MCConfig, add_mc_args
+from megacontext.controller import MCController
 from nanochat.common import add_flag, autocast_context, compute_init, device_type_flag, str2bool
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.train_loop import format_count, peak_flops
@@ -32,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "--steps", type=int, default=10, help="timed training steps per mode")
     add_flag(p, "--warmup-steps", type=int, default=3, help="untimed steps first (compilation happens here)")
     add_flag(p, "--compile-modes", default="0,1", help="comma-separated compile settings to compare, e.g. 0,1")
+    add_mc_args(p)
+    p.set_defaults(mc_num_random_variants=1)
     args = p.parse_args(argv)
     if min(args.depth, args.max_seq_len, args.device_batch_size, args.vocab_size, args.steps) < 1:
         p.error("--depth, --max-seq-len, --device-batch-size, --vocab-size and --steps must be positive")
@@ -91,6 +104,55 @@ def bench_mode(args, device: torch.device, use_compile: bool) -> dict:
             "mfu": mfu, "warmup_s": warmup, "params": model.num_params()}
 
 
+def bench_mc(args, device: torch.device) -> dict:
+    """Alternate vanilla and --mc training steps on one batch; medians of --steps each after --warmup-steps."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.max_seq_len)).to(device)
+    model.init_weights()
+    optimizers = model.setup_optimizers()
+    ctrl = MCController(MCConfig.from_args(args), model, num_iterations=args.steps)
+    B, T = args.device_batch_size, args.max_seq_len
+    x = torch.randint(0, args.vocab_size, (B, T), device=device)
+    y = torch.randint(0, args.vocab_size, (B, T), device=device)
+
+    def step(mc: bool) -> float:
+        t0 = time.perf_counter()
+        with autocast_context(device.type):
+            loss, _ = ctrl(x, y, 0) if mc else (model(x, y), None)
+        loss.backward()
+        for opt in optimizers + (ctrl.optimizers if mc else []):
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        ctrl.nets.zero_grad(set_to_none=True)
+        loss.item()
+        return time.perf_counter() - t0
+
+    for _ in range(args.warmup_steps):
+        step(False), step(True)
+    ctrl.step_metrics()
+    vanilla, mc, ctrl_ms, positions = [], [], [], []
+    for _ in range(args.steps):
+        vanilla.append(step(False))
+        mc.append(step(True))
+        metrics = ctrl.step_metrics()
+        ctrl_ms.append(metrics["mc/time_controller_ms"])
+        positions.append(B * T + metrics["mc/variants_total"] * metrics["mc/target_wc_length"])
+    v, m = statistics.median(vanilla), statistics.median(mc)
+    return {"vanilla_ms": v * 1e3, "mc_ms": m * 1e3, "ratio": m / v, "controller_ms": statistics.median(ctrl_ms),
+            "controller_share": statistics.median(ctrl_ms) / (m * 1e3),
+            "ratio_per_position": (m / statistics.mean(positions)) / (v / (B * T)),
+            "variants": ctrl.variants_per_row, "target": ctrl.target_length(0)}
+
+
+def format_mc(r: dict) -> str:
+    return "\n".join([
+        "| vanilla step ms | --mc step ms | cost/token --mc ÷ vanilla | controller ms | controller share | "
+        "cost/position ratio |",
+        "|---|---|---|---|---|---|",
+        f"| {r['vanilla_ms']:.0f} | {r['mc_ms']:.0f} | {r['ratio']:.2f}x (target <= 1.5x) | {r['controller_ms']:.0f} | "
+        f"{100 * r['controller_share']:.1f} % (target <= 10 %) | {r['ratio_per_position']:.2f}x |"])
+
+
 def format_table(rows: list[dict]) -> str:
     base = rows[0]
     lines = ["| compile | tok/s | × tok/s | step ms | peak mem MiB | × mem | MFU % | warmup s |",
@@ -112,6 +174,12 @@ def main(argv=None) -> list[dict]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"bench: d{args.depth}, batch {args.device_batch_size} × {args.max_seq_len} tokens, vocab {args.vocab_size}, "
           f"{args.steps} timed steps after {args.warmup_steps} warmup, on {name}")
+    if args.mc:
+        result = bench_mc(args, device)
+        print(f"--mc: {result['variants']} random variant(s) + truncation baseline per row at "
+              f"{result['target']} entries, block size {args.block_size}")
+        print(format_mc(result))
+        return [result]
     rows = [bench_mode(args, device, use_compile) for use_compile in args.compile_modes]
     print(f"params: {rows[0]['params']:,}")
     print(format_table(rows))

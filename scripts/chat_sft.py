@@ -17,12 +17,14 @@ multiple-choice accuracy every --eval-metrics-every steps; checkpoints go to cha
 
 import argparse
 
+from megacontext.config import MCConfig, add_mc_args
+from megacontext.mc_metrics import progress_note
+from megacontext.train_wiring import stage_objective
 from nanochat.chat_data import SFTBatches
 from nanochat.chat_train import (
     add_stage_flags,
     check_positive,
     load_start,
-    model_loss_sum,
     restore_optimizers,
     stage_dir,
     train_step,
@@ -57,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "--eval-metrics-every", type=int, default=200, help="multiple-choice accuracy every N steps and "
              "at the end (-1: off)")
     add_flag(p, "--eval-metrics-max-problems", type=int, default=256, help="problems per accuracy task")
+    add_mc_args(p)
     args = p.parse_args(strip_separator(argv))
     check_positive(p, args, ("device_batch_size", "max_seq_len", "target_examples_per_step", "num_epochs",
                              "init_lr_frac", "eval_steps"))
@@ -97,6 +100,12 @@ class SFTStage:
                                   dist_info.rank, dist_info.world_size, self.accum, device, seed=args.seed)
         self.num_iterations = args.num_iterations if args.num_iterations > 0 else max(
             1, round(args.num_epochs * self.batches.steps_per_epoch()))
+        self.objective, self.model_tag, note = stage_objective(  # --mc: the MC controller, else the plain loss
+            MCConfig.from_args(args), self.model, self.model, self.model_tag, self.start, self.num_iterations,
+            args.seed, args.mc_telemetry_jsonl)
+        if note:
+            print0(note)
+        self.optimizers += self.objective.optimizers
         self.checkpoint_dir = stage_dir("chatsft_checkpoints", self.model_tag)
         peak = peak_flops(device)
         # tokens per step vary with the padded batch length; each step reports its real count
@@ -136,19 +145,25 @@ class SFTStage:
             self.wandb_run.log({"step": step, **{f"eval/{k}": v for k, v in self.metrics.items()}})
 
     def save(self, step: int) -> None:
+        aux, mc_meta = self.objective.checkpoint_parts()  # MC nets and their config ({} without --mc)
         save_run_checkpoint(self.checkpoint_dir, step, self.model, self.optimizers, self.dist, {
             "user_config": self.user_config, "val_bpb": self.val_bpb, "data": self.source, "start": self.start,
-            "model_tag": self.model_tag, "metrics": self.metrics, "loop_state": {"progress": self.meter.state_dict()}})
+            "model_tag": self.model_tag, "metrics": self.metrics, "loop_state": {"progress": self.meter.state_dict()},
+            **mc_meta}, aux_states=aux)
         print0(f"saved checkpoint {self.checkpoint_dir} step {step}")
 
     def step(self, step: int) -> StepResult:
         lrm = lr_multiplier(step, self.num_iterations, 0.0, self.args.warmdown_ratio, 0.0)
         micro = [self.batches.batch(step, m) for m in range(self.accum)]
         loss, grad_norm, supervised = train_step(self.model, self.optimizers, micro, lrm, None, self.args.grad_clip,
-                                                 self.dist.device_type, model_loss_sum(self.model))
+                                                 self.dist.device_type,
+                                                 lambda x, y: self.objective(x, y, step, reduction="sum"),
+                                                 self.objective.parameters())
+        self.objective.end_step()
+        mc = self.objective.step_metrics()  # {} without --mc
         computed = sum(x.numel() for x, _ in micro) * self.dist.world_size  # positions computed, padding included
         return StepResult(loss, lrm, grad_norm, epoch=round(self.batches.epoch(step + 1), 2), tokens=computed,
-                          logs={"train/supervised_tokens": supervised})
+                          logs={"train/supervised_tokens": supervised, **mc}, note=progress_note(mc))
 
     # ------------------------------------------------------------------
     def val_bits_per_byte(self) -> float:

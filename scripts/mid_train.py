@@ -18,12 +18,14 @@ import argparse
 
 import torch
 
+from megacontext.config import MCConfig, add_mc_args
+from megacontext.mc_metrics import progress_note
+from megacontext.train_wiring import stage_objective
 from nanochat.chat_data import PackedConversations, estimate_tokens_per_conversation, packed_steps_per_epoch
 from nanochat.chat_train import (
     add_stage_flags,
     check_positive,
     load_start,
-    model_loss_sum,
     restore_optimizers,
     stage_dir,
     train_step,
@@ -63,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "--eval-tokens", type=int, default=None, help="val tokens per evaluation (default: 20 × the "
              "total batch on CUDA, 4 device batches per rank elsewhere)")
     add_flag(p, "--compile", type=str2bool, default=None, help="torch.compile the model: 1|0 (default 1 on CUDA)")
+    add_mc_args(p)
     args = p.parse_args(strip_separator(argv))
     check_positive(p, args, ("device_batch_size", "max_seq_len", "total_batch_size", "num_epochs", "init_lr_frac"))
     return args
@@ -110,6 +113,12 @@ class MidStage:
                                                       args.total_batch_size)
         self.num_iterations = args.num_iterations if args.num_iterations > 0 else max(
             1, round(args.num_epochs * self.steps_per_epoch))
+        self.objective, self.model_tag, note = stage_objective(  # --mc: the MC controller, else the plain loss
+            MCConfig.from_args(args), self.model, self.train_model, self.model_tag, self.start, self.num_iterations,
+            args.seed, args.mc_telemetry_jsonl)
+        if note:
+            print0(note)
+        self.optimizers += self.objective.optimizers
         self.checkpoint_dir = stage_dir("mid_checkpoints", self.model_tag)
         peak = peak_flops(device)
         self.meter = ProgressMeter(self.num_iterations, args.total_batch_size, self.model.estimate_flops(),
@@ -153,18 +162,23 @@ class MidStage:
         self.wandb_run.log({"step": step, "val/bpb": self.val_bpb})
 
     def save(self, step: int) -> None:
+        aux, mc_meta = self.objective.checkpoint_parts()  # MC nets and their config ({} without --mc)
         save_run_checkpoint(self.checkpoint_dir, step, self.model, self.optimizers, self.dist, {
             "user_config": self.user_config, "val_bpb": self.val_bpb, "data": self.source, "start": self.start,
             "model_tag": self.model_tag, "dataloader_state": gather_objects(self.loader.state_dict(), self.dist.ddp),
-            "loop_state": {"progress": self.meter.state_dict()}})
+            "loop_state": {"progress": self.meter.state_dict()}, **mc_meta}, aux_states=aux)
         print0(f"saved checkpoint {self.checkpoint_dir} step {step}")
 
     def step(self, step: int) -> StepResult:
         lrm = lr_multiplier(step, self.num_iterations, 0.0, self.args.warmdown_ratio, 0.0)
         batches = [next(self.loader) for _ in range(self.accum)]
         loss, grad_norm, _ = train_step(self.model, self.optimizers, batches, lrm, muon_momentum(step),
-                                        self.args.grad_clip, self.dist.device_type, model_loss_sum(self.train_model))
-        return StepResult(loss, lrm, grad_norm, epoch=round(self.loader.epoch, 2))
+                                        self.args.grad_clip, self.dist.device_type,
+                                        lambda x, y: self.objective(x, y, step, reduction="sum"),
+                                        self.objective.parameters())
+        self.objective.end_step()
+        mc = self.objective.step_metrics()  # {} without --mc
+        return StepResult(loss, lrm, grad_norm, epoch=round(self.loader.epoch, 2), logs=mc, note=progress_note(mc))
 
     # ------------------------------------------------------------------
     def val_bits_per_byte(self) -> float:

@@ -12,8 +12,8 @@ from megacontext.config import MCConfig, add_mc_args
 from megacontext.working_context import min_wc_length
 
 
-def parse(argv):
-    parser = argparse.ArgumentParser()
+def parse(argv, allow_abbrev=True):
+    parser = argparse.ArgumentParser(allow_abbrev=allow_abbrev)
     add_mc_args(parser)
     return MCConfig.from_args(parser.parse_args(argv))
 
@@ -32,12 +32,14 @@ def test_dash_and_underscore_spellings():
     assert a.mc and a.block_size == 8 and a.gistnet_pooling == "cls" and a.allocator_type == "stochastic_greedy"
 
 
-def test_known_aliases_and_booleans():
-    cfg = parse(["--mc_enabled", "1", "--allocator", "stochastic_greedy", "--mc_auto_batch", "0", "--mc-wc-max", "512"])
-    assert cfg.mc and cfg.allocator_type == "stochastic_greedy" and cfg.mc_auto_batch is False
-    assert cfg.mc_wc_max == 512
-    assert parse(["--allocator_soft_max", "256", "--mc_wc_max", "512"]).allocator_soft_max_length == 256
-    assert parse(["--positional_type", "gaussian"]).mc_positional == "gaussian"
+def test_booleans_and_no_alias_spellings():
+    cfg = parse(["--mc", "--mc_auto_batch", "0", "--mc-wc-max", "512"])
+    assert cfg.mc and cfg.mc_auto_batch is False and cfg.mc_wc_max == 512
+    assert parse(["--allocator_soft_max_length", "256", "--mc_wc_max", "512"]).allocator_soft_max_length == 256
+    for alias in (["--mc_enabled", "1"], ["--allocator", "greedy"], ["--allocator_soft_max", "256"],
+                  ["--positional_type", "wc"]):
+        with pytest.raises(SystemExit):
+            parse(alias, allow_abbrev=False)
 
 
 def test_every_field_has_a_flag():

@@ -1,0 +1,322 @@
+"""MCController: MegaContext inside a training loop, behind the same small interface as a vanilla objective.
+
+A training script builds one objective (`training_objective(...)`: `VanillaObjective` without --mc, `MCController`
+with it) and then only calls it:
+
+    loss, lm_loss = objective(x, y, step)     # backward `loss`; log `lm_loss` (the vanilla next-token loss)
+    objective.optimizers                      # extra optimizers (with "initial_lr", so LR schedules apply)
+    objective.parameters()                    # extra trainable parameters (gradient averaging, clipping)
+    objective.end_step()                      # once per optimizer step, after the backward passes
+    objective.step_metrics()                  # dict for the progress line / W&B / loss log (all processes)
+    objective.checkpoint_parts()              # (aux_states, meta entries) for save_checkpoint
+
+Per micro-batch (each row of x is one sequence of max_seq_len tokens, y the next tokens) the controller:
+1. builds every row's gist tree at once, with gradient, one GistNet call per level;
+2. samples `min(--mc_num_random_variants, --mc_max_counterfactuals)` random cuts per row plus a truncation
+   baseline, at a target length annealed from 80 % of the sequence to `--mc_train_wc_length` (see variants.py);
+3. runs the GPT on all of them in one right-padded batch with per-row rotary positions (`--mc_positional`);
+4. trains on next-token targets of raw entries; compares variants of a row on the shared raw tail (same target
+   tokens), and fits LensNet to those measured losses (lens_training.py);
+5. refocuses one sampled WC with the allocator on LensNet's scores to report swap rate and residency.
+Objective: vanilla full-sequence loss + MC variant loss + `--mc_lens_loss_weight` × lens loss (+ the weighted
+LensNet regularisers). It returns data and never prints; telemetry events go to the provider it was given.
+Trees are built in RAM whatever `--mc_tree` says: they hold the autograd graph back to GistNet and live for one
+micro-batch. `--mc_tree` is recorded with the nets and chooses the store of inference sessions.
+"""
+
+import contextlib
+import dataclasses
+import time
+
+import numpy as np
+import torch
+
+from megacontext.allocator import AllocatorConfig, FocusAllocator
+from megacontext.config import ARCHITECTURE_FIELDS, MCConfig
+from megacontext.lens_training import LensObjective
+from megacontext.lensnet import build_variant_membership
+from megacontext.mc_metrics import StepMetrics, percentile
+from megacontext.nets import AUX_KEY, MCNets, has_mc_nets
+from megacontext.telemetry import NoOpTelemetry, TelemetryProvider
+from megacontext.tree import MegaContextTree, RamTreeStore, build_gist_levels
+from megacontext.variants import (
+    sample_row_variants,
+    shared_tail_mask,
+    target_wc_length,
+    wc_length_fraction,
+    wc_targets,
+)
+from megacontext.wc_inputs import build_wc_batch, stack_targets
+
+TRAINER_KEY = "mc_trainer"  # aux-state entry with the LensNet EMAs (resume)
+ADAM_BETAS = (0.8, 0.95)
+MIN_TAIL_MULTIPLE = 4  # sequences shorter than 4 × the shared raw tail leave nothing worth compressing
+
+
+class VanillaObjective:
+    """The plain next-token objective, with the controller's interface (nothing extra to train or report)."""
+
+    optimizers: list = []
+
+    def __init__(self, train_model):
+        self.train_model = train_model
+
+    def __call__(self, x, y, step, reduction: str = "mean"):
+        loss = self.train_model(x, y, loss_reduction=reduction)
+        return loss, loss
+
+    def parameters(self) -> list:
+        return []
+
+    def end_step(self) -> None:
+        return None
+
+    def step_metrics(self) -> dict:
+        return {}
+
+    def evaluate(self, batches, step: int) -> dict:
+        return {}
+
+    def checkpoint_parts(self) -> tuple[dict, dict]:
+        return {}, {}
+
+
+class MCController:
+    def __init__(self, cfg: MCConfig, model, num_iterations: int, train_model=None, seed: int = 0,
+                 telemetry: TelemetryProvider | None = None):
+        self.model = model
+        self.train_model = train_model if train_model is not None else model
+        self.cfg = cfg.resolve(model.config.sequence_len)
+        self.num_iterations = max(1, num_iterations)
+        self.seed = seed
+        self.device = model.get_device()
+        self.nets = MCNets.for_model(self.cfg, model)
+        self.aux_dtype = self.cfg.resolve_aux_dtype(self.device.type)
+        self.tail = max(self.cfg.recent_tokens, self.cfg.block_size)  # raw in every variant: the compared tokens
+        c = self.cfg
+        self.lens = LensObjective(c.mc_lens_temperature, c.mc_lens_adv_norm_beta, c.mc_lens_hard_negative_ratio,
+                                  c.mc_lens_kl_weight, c.mc_lens_budget_smooth_weight, c.mc_lens_budget_smooth_beta)
+        self.allocator = FocusAllocator(AllocatorConfig.from_mc(self.cfg, model.config.sequence_len), seed=seed)
+        self.telemetry = telemetry or NoOpTelemetry()
+        self.metrics = StepMetrics(self.cfg.mc_max_lod)
+        self.optimizers = [self._build_optimizer()]
+        self.last_parts: dict = {}  # the loss terms of the last call (tests, debugging)
+
+    # ------------------------------------------------------------------ interface
+    @property
+    def variants_per_row(self) -> int:
+        return min(self.cfg.mc_num_random_variants, self.cfg.mc_max_counterfactuals)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.nets.parameters() if p.requires_grad]
+
+    def target_length(self, step: int, seq_len: int | None = None) -> int:
+        T, c = seq_len or self.model.config.sequence_len, self.cfg
+        frac = wc_length_fraction(step / self.num_iterations, c.mc_train_wc_length)
+        return target_wc_length(T, frac, c.block_size, c.mc_max_lod, self.tail)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int, reduction: str = "mean"):
+        """(objective to backward, vanilla next-token loss) for one micro-batch x, y: Long[B, T] (y = -1 where not
+        supervised). reduction "sum" (chat stages): the vanilla loss summed over supervised tokens, the MC terms
+        (means) weighted by that count, so the objective keeps its per-token balance."""
+        vanilla = self.train_model(x, y, loss_reduction=reduction)
+        if x.shape[1] < MIN_TAIL_MULTIPLE * self.tail:  # too short to compress (short chat batches): vanilla only
+            return vanilla, vanilla
+        out = self.variant_losses(x, y, step, train=True)
+        extra = out["variant_loss"] + self.cfg.mc_lens_loss_weight * out["lens_loss"] + out["regularisers"]
+        total = vanilla + (extra * (y >= 0).sum() if reduction == "sum" else extra)
+        self.last_parts = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        return total, vanilla
+
+    def end_step(self) -> None:
+        self.lens.end_step()
+
+    def step_metrics(self) -> dict[str, float]:
+        return self.metrics.collect()
+
+    @torch.no_grad()
+    def evaluate(self, batches, step: int) -> dict[str, float]:
+        """MC metrics of held-out (x, y) batches at the target length of `step` (no training side effects)."""
+        was_training = self.nets.training
+        self.nets.eval()
+        saved = self.lens.state_dict(), self.lens._sums.clone()
+        scratch = StepMetrics(self.cfg.mc_max_lod)
+        self.metrics, kept = scratch, self.metrics
+        try:
+            for x, y, *_ in batches:
+                self.variant_losses(x, y, step, train=False)
+            return {k.replace("mc/", "mc_val/"): v for k, v in scratch.collect().items()}
+        finally:
+            self.metrics = kept
+            self.lens.load_state_dict(saved[0])
+            self.lens._sums.copy_(saved[1])
+            self.nets.train(was_training)
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_parts(self) -> tuple[dict, dict]:
+        aux, meta = self.nets.checkpoint_parts()
+        aux[TRAINER_KEY] = self.lens.state_dict()
+        return aux, meta
+
+    def load_checkpoint_parts(self, meta: dict, aux_states: dict) -> bool:
+        """Restore nets (and the LensNet EMAs when saved) from a checkpoint; False if it has no MC nets (a vanilla
+        checkpoint: the nets stay freshly initialised). Architecture settings must match (see `from_checkpoint`)."""
+        if not has_mc_nets(meta, aux_states):
+            return False
+        self.nets.load_state_dict(aux_states[AUX_KEY], strict=True)
+        if TRAINER_KEY in aux_states:
+            self.lens.load_state_dict(aux_states[TRAINER_KEY])
+        return True
+
+    # ------------------------------------------------------------------ the work
+    def variant_losses(self, x: torch.Tensor, y: torch.Tensor, step: int, train: bool) -> dict:
+        c, K, L = self.cfg, self.cfg.block_size, self.cfg.mc_max_lod
+        B, T = x.shape
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+        with self.telemetry.span("build", into=timings), self._aux_precision():
+            trees = self._build_trees(x)
+        target = self.target_length(step, T)
+        x_np, y_np = x.cpu().numpy(), y.cpu().numpy()
+        rows = [sample_row_variants(x_np[b], self.variants_per_row, target, K, L, self.tail, step, self.seed)
+                for b in range(B)]
+        n = self.variants_per_row
+        wcs = [wc for r in rows for wc in (*r.random, r.baseline)]  # row b: n random, then its baseline
+        wc_trees = [trees[b] for b in range(B) for _ in range(n + 1)]
+        is_random = np.tile(np.r_[np.ones(n, bool), False], B)
+        with self.telemetry.span("positional", into=timings):
+            batch = build_wc_batch(wcs, wc_trees, self.nets, self.model.embed, c.mc_positional,
+                                   self.model.config.head_dim, self.device)
+            W = batch.embeds.shape[1]
+            targets = stack_targets([wc_targets(wc, y_np[i // (n + 1)]) for i, wc in enumerate(wcs)], W, self.device)
+            tail = torch.from_numpy(shared_tail_mask([len(wc) for wc in wcs], W, self.tail)).to(self.device)
+        gpt_time = time.perf_counter()
+        per_token = self.model(inputs_embeds=batch.embeds, rotary=batch.rotary, targets=targets,
+                               loss_reduction="none").float()  # (N, W)
+        gpt_time = time.perf_counter() - gpt_time
+        valid = targets >= 0
+        rand_t = torch.from_numpy(is_random).to(self.device)
+        train_mask = valid & rand_t[:, None]
+        variant_loss = (per_token * train_mask).sum() / train_mask.sum().clamp(min=1)
+        tail = tail & valid  # chat data: unsupervised tail tokens do not count
+        tail_loss = (per_token.detach() * tail).sum(1) / tail.sum(1).clamp(min=1)  # (N,)
+        tail_loss = torch.where(tail.any(1), tail_loss, torch.full_like(tail_loss, float("nan")))  # NaN: no target
+        with self.telemetry.span("lens", into=timings):
+            lens_out = self._lens_terms(batch, wcs, is_random, tail_loss, B, n, step)
+        ctrl_ms = (time.perf_counter() - t_start - gpt_time) * 1000.0
+        self._record(variant_loss, tail_loss, is_random, rows, lens_out, target, len(wcs), ctrl_ms)
+        self.telemetry.emit("mc_timing", {**timings, "step": step, "total_ms": ctrl_ms})
+        return {"variant_loss": variant_loss, "lens_loss": lens_out["lens_loss"],
+                "regularisers": lens_out["kl"] + lens_out["budget"], "tail_loss": tail_loss, "target": target,
+                "wcs": wcs}
+
+    def _build_trees(self, x: torch.Tensor) -> list[MegaContextTree]:
+        """One RAM tree per row over its T tokens, every gist level from one GistNet call (autograd kept)."""
+        c = self.cfg
+        embeds = self.model.embed(x)  # (B, T, D)
+        levels = build_gist_levels(embeds, self.nets.gist, c.block_size, c.mc_max_lod)
+        return [MegaContextTree(RamTreeStore.from_levels(x[b], [g[b] for g in levels], c.block_size, c.mc_max_lod),
+                                self.model.embed, self.nets.gist) for b in range(x.shape[0])]
+
+    def _lens_terms(self, batch, wcs, is_random, tail_loss, B, n, step) -> dict:
+        rand = torch.from_numpy(np.flatnonzero(is_random)).to(self.device)
+        mask = batch.mask[rand]
+        with self._aux_precision():
+            scores = self.nets.lensnet(batch.embeds[rand].detach(), batch.levels[rand], batch.indices[rand],
+                                       mask).float()  # (B*n, W)
+        kl, budget = self.lens.regularisers(scores, mask)
+        # labels: variants whose shared tail has supervised tokens (all of them in pretraining)
+        labelled = np.flatnonzero(torch.isfinite(tail_loss[rand]).cpu().numpy())
+        if labelled.size == 0:
+            lens_loss, pred_delta, measured_delta = scores.sum() * 0.0, scores.new_zeros(0), scores.new_zeros(0)
+        else:
+            group = torch.arange(B).repeat_interleave(n)[labelled]
+            membership = build_variant_membership(
+                [(torch.from_numpy(wcs[i].levels), torch.from_numpy(wcs[i].indices))
+                 for i in np.flatnonzero(is_random)[labelled]], self.cfg.block_size, group)
+            sel = torch.from_numpy(labelled).to(self.device)
+            labels = self.lens.normalised_losses(tail_loss[rand][sel], group)
+            lens_loss, pred_delta, measured_delta = self.lens.pair_loss(scores[sel], membership, labels)
+        report = self._refocus_report(wcs[0], scores[0, : len(wcs[0])], step)
+        return {"lens_loss": lens_loss, "kl": kl, "budget": budget, "report": report,
+                "pred_delta": pred_delta, "measured_delta": measured_delta,
+                "delta_rms": float(measured_delta.square().mean().sqrt()) if measured_delta.numel() else float("nan")}
+
+    def _refocus_report(self, wc, scores, step):
+        """One allocator pass over a sampled WC with LensNet's scores, budget = that WC's own length."""
+        alloc = self.allocator
+        alloc.cfg = dataclasses.replace(alloc.cfg, soft_max_length=len(wc),
+                                        hard_max_length=max(len(wc), alloc.cfg.hard_max_length))
+        t0 = time.perf_counter()
+        new_wc, report = alloc.step(wc, scores.detach().cpu().numpy())
+        self.telemetry.emit("focus_allocator", {
+            "session": "train", "expanded": report.expands, "collapsed": report.collapses,
+            "swap_rate": report.swap_rate, "length_before": report.length_before,
+            "length_after": report.length_after, "residency": 1.0 - report.swap_rate,
+            "score_mean": float(scores.detach().mean()), "step": step, "allocator_ms": (time.perf_counter() - t0) * 1e3})
+        self.telemetry.emit("working_context_snapshot", {
+            "session": "train", "length": len(new_wc), "w_max": self.cfg.wc_max(), "levels": new_wc.levels.tolist(),
+            "indices": new_wc.indices.tolist(), "tokens_covered": new_wc.num_tokens, "step": step,
+            "level_counts": new_wc.level_counts(self.cfg.mc_max_lod).tolist(), "scheme": self.cfg.mc_positional})
+        return report
+
+    def _record(self, variant_loss, tail_loss, is_random, rows, lens_out, target, num_wcs, ctrl_ms) -> None:
+        m, n = self.metrics, self.variants_per_row
+        tl = tail_loss.view(-1, n + 1)  # (B, n + 1): random variants, then the baseline
+        var_tail, trunc_tail = tl[:, :n], tl[:, n]
+        adv = trunc_tail[:, None] - var_tail  # (B, n); NaN for rows without supervised tail tokens
+        ok = torch.isfinite(adv)
+        m.add("mc/token_loss", float(variant_loss.detach()))
+        if ok.any():
+            m.add("mc/tail_loss", float(var_tail[ok].mean()))
+            m.add("mc/trunc_loss", float(trunc_tail[ok.any(1)].mean()))
+            m.add("mc/adv_delta_mean", float(adv[ok].mean()))
+            m.add("mc/adv_delta_p95", percentile(adv[ok], 0.95))
+        lods = torch.tensor([r.max_levels for r in rows], device=ok.device)  # (B, n)
+        for k in range(1, self.cfg.mc_max_lod + 1):
+            sel = (lods == k) & ok
+            if sel.any():
+                m.add(f"mc/lod{k}_loss", float(var_tail[sel].mean()), weight=int(sel.sum()))
+        m.add("mc/lens_loss", float(lens_out["lens_loss"].detach()))
+        m.add_pairs(lens_out["pred_delta"], lens_out["measured_delta"])
+        m.add("mc/pair_delta_rms", lens_out["delta_rms"])
+        m.add("mc/swap_rate", lens_out["report"].swap_rate)
+        m.add("mc/residency", 1.0 - lens_out["report"].swap_rate)
+        m.add("mc/target_wc_length", target)
+        m.add("mc/variants_total", num_wcs)
+        m.add("mc/time_controller_ms", ctrl_ms)
+
+    def _aux_precision(self):
+        """GistNet / LensNet compute dtype (--mc_aux_dtype): bf16 autocast, or fp32 with autocast off."""
+        dev = self.device.type
+        if self.aux_dtype == torch.bfloat16:
+            return torch.autocast(device_type=dev, dtype=torch.bfloat16)
+        if dev in ("cuda", "cpu"):
+            return torch.autocast(device_type=dev, enabled=False)
+        return contextlib.nullcontext()
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        opt = torch.optim.AdamW(self.parameters(), lr=self.cfg.mc_lr, betas=ADAM_BETAS, eps=1e-10, weight_decay=0.0)
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+        return opt
+
+
+def training_objective(mc_cfg: MCConfig, model, train_model, num_iterations: int, seed: int = 0,
+                       telemetry: TelemetryProvider | None = None):
+    """`MCController` when --mc is on, else `VanillaObjective`: the one object a training loop calls."""
+    if not mc_cfg.mc:
+        return VanillaObjective(train_model)
+    return MCController(mc_cfg, model, num_iterations, train_model=train_model, seed=seed, telemetry=telemetry)
+
+
+def config_for_checkpoint(cli_cfg: MCConfig, meta: dict) -> tuple[MCConfig, list[str]]:
+    """The config to continue a checkpoint's MC nets with: architecture settings from the checkpoint, training knobs
+    from the command line. Returns (config, names of architecture flags the checkpoint overrode)."""
+    saved = meta.get("mc_config")
+    if saved is None:
+        return cli_cfg, []
+    saved_cfg = MCConfig.from_dict(saved)
+    changed = [f for f in ARCHITECTURE_FIELDS if getattr(saved_cfg, f) != getattr(cli_cfg, f)]
+    merged = MCConfig(**{**cli_cfg.to_dict(), **{f: getattr(saved_cfg, f) for f in ARCHITECTURE_FIELDS}})
+    return merged.validate(), changed

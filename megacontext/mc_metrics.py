@@ -1,0 +1,111 @@
+"""Per-step MegaContext training metrics: accumulated over micro-batches, averaged over processes.
+
+Every key of `metric_names(max_level)` is present on every process in the same order, so one all-reduce of a
+(sum, count) vector gives the global-batch value of each; a key with no data this step is left out of the result.
+
+Definitions (all losses in nats per target token):
+- `mc/token_loss`: the random variants' next-token loss over all their raw entries (what the GPT trains on);
+- `mc/tail_loss`, `mc/trunc_loss`: mean loss on the shared raw tail of the random variants / of the truncation
+  baseline (same target tokens, same WC length);
+- `mc/lod{k}_loss`: `mc/tail_loss` of the variants whose deepest allowed gist level is k;
+- `mc/adv_delta_mean|p95`: advantage of a variant over the baseline, trunc tail loss − variant tail loss
+  (> 0: the gists carry information the truncated window lacks), mean and 95th percentile over variants;
+- `mc/preference_corr_mean`: Pearson correlation, over every same-row variant pair of the step (all micro-batches
+  and processes pooled), between LensNet's predicted utility difference (−Δ predicted loss) and the measured ΔNLL.
+  −1: LensNet ranks variants exactly as the measured losses do; 0: no relation; > 0: backwards;
+- `mc/lens_loss`: the Bradley–Terry fit (0 = predicted and measured differences agree);
+- `mc/pair_delta_rms`: RMS of the measured tail-loss differences between variants of a row (the scale
+  `--mc_lens_temperature` should match; normalised units under `--mc_lens_adv_norm_beta`);
+- `mc/variants_total`: WCs run through the GPT this step (random variants + baselines, all processes);
+- `mc/swap_rate`, `mc/residency`: share of a WC's entries the allocator replaces when it refocuses a sampled
+  variant with LensNet's scores, and the share it keeps (1 − swap rate);
+- `mc/time_controller_ms`: wall ms of the controller's own work (tree build, sampling, positions, LensNet,
+  allocator) per step, excluding the GPT forwards; `mc/target_wc_length`: the annealed variant length.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+TOTALS = ("mc/variants_total",)  # per step, over all processes
+PER_PROCESS = ("mc/time_controller_ms",)  # per step, averaged over processes
+
+
+def metric_names(max_level: int) -> list[str]:
+    return (["mc/token_loss", "mc/tail_loss", "mc/trunc_loss"]
+            + [f"mc/lod{k}_loss" for k in range(1, max_level + 1)]
+            + ["mc/lens_loss", "mc/adv_delta_mean", "mc/adv_delta_p95", "mc/preference_corr_mean",
+               "mc/pair_delta_rms", "mc/swap_rate", "mc/residency", "mc/target_wc_length", *TOTALS, *PER_PROCESS])
+
+
+class StepMetrics:
+    def __init__(self, max_level: int):
+        self.names = metric_names(max_level)
+        self._index = {n: i for i, n in enumerate(self.names)}
+        self._sums = torch.zeros(len(self.names), 2, dtype=torch.float64)  # (sum, count)
+        self._pairs = torch.zeros(6, dtype=torch.float64)  # n, Σx, Σy, Σxy, Σx², Σy² of (predicted, measured) Δ
+
+    def add(self, name: str, value: float, weight: float = 1.0) -> None:
+        """Record a value (NaN is skipped: e.g. a correlation undefined for an untrained, constant LensNet)."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return
+        i = self._index[name]
+        self._sums[i, 0] += float(value) * weight
+        self._sums[i, 1] += weight
+
+    def add_pairs(self, predicted: torch.Tensor, measured: torch.Tensor) -> None:
+        """Pool (predicted, measured) loss differences of variant pairs for `mc/preference_corr_mean`."""
+        x, y = predicted.detach().double().flatten().cpu(), measured.detach().double().flatten().cpu()
+        self._pairs += torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.sum(), y.sum(),
+                                    (x * y).sum(), (x * x).sum(), (y * y).sum()])
+
+    def collect(self, ranks: int = 1) -> dict[str, float]:
+        """The step's values (global over processes), then reset: totals, per-process sums or means."""
+        sums = torch.cat([self._sums.flatten(), self._pairs])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            sums = sums.to(device)
+            dist.all_reduce(sums)
+            sums = sums.cpu()
+            ranks = dist.get_world_size()
+        sums, pairs = sums[:-6].view(-1, 2), sums[-6:]
+        self._sums.zero_()
+        self._pairs.zero_()
+        out = {}
+        for name, (total, count) in zip(self.names, sums.tolist()):
+            if count == 0:
+                continue
+            out[name] = total if name in TOTALS else total / ranks if name in PER_PROCESS else total / count
+        corr = _pearson(*pairs.tolist())
+        if not math.isnan(corr):
+            out["mc/preference_corr_mean"] = -corr  # utility (−Δ predicted loss) against measured ΔNLL
+        return out
+
+
+def _pearson(n, sx, sy, sxy, sxx, syy) -> float:
+    if n < 2:
+        return float("nan")
+    var_x, var_y = n * sxx - sx * sx, n * syy - sy * sy
+    if var_x <= 1e-30 or var_y <= 1e-30:  # a constant side, e.g. an untrained LensNet scoring everything 0
+        return float("nan")
+    return (n * sxy - sx * sy) / math.sqrt(var_x * var_y)
+
+
+def percentile(values: torch.Tensor, q: float) -> float:
+    if values.numel() == 0:
+        return float("nan")
+    return float(torch.quantile(values.detach().double().flatten(), q))
+
+
+def progress_note(metrics: dict, prefix: str = "mc/") -> str:
+    """The MC part of a progress or eval line ("" without MC metrics): variant loss, tail loss vs the truncation
+    baseline, preference correlation, controller ms."""
+    if f"{prefix}token_loss" not in metrics:
+        return ""
+    line = f" | mc: {metrics[prefix + 'token_loss']:.4f}"
+    if prefix + "tail_loss" in metrics:
+        line += f" tail {metrics[prefix + 'tail_loss']:.4f} vs trunc {metrics[prefix + 'trunc_loss']:.4f}"
+    corr = metrics.get(prefix + "preference_corr_mean")
+    line += "" if corr is None else f" | pref corr {corr:+.2f}"
+    return line + f" | ctrl: {metrics[prefix + 'time_controller_ms']:.0f}ms"

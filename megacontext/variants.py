@@ -1,0 +1,100 @@
+"""Which working contexts a training sequence is scored under: random compressions plus a truncation baseline.
+
+For one row of `max_seq_len` tokens (the history) the controller scores:
+- `n` random legal cuts through the row's gist tree at the current target length, the recent tail raw in all of
+  them. Variant i may use gist levels up to `1 + i % max_lod` (when a cut that shallow fits the target), so every
+  level of detail is measured each step and `mc/lod{k}_loss` has data for every k;
+- one truncation baseline: the last `target` tokens, raw, nothing before them. It is what vanilla attention with
+  a window of the same length would see, so "variant loss below baseline loss" means the gists carry information.
+
+The target length anneals linearly from `START_FRACTION` of the sequence (easy: little compression) to
+`--mc_train_wc_length` at the end of the run (hard).
+
+Sampling is seeded by the training step and the row's own tokens, so the same row gets the same variants whatever
+process or micro-batch it lands in: resumed and multi-process runs see exactly the variants of a single process.
+"""
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from megacontext.working_context import WorkingContext, make_wc, min_wc_length, random_wc
+
+START_FRACTION = 0.8  # target WC length at step 0, as a fraction of max_seq_len
+
+
+def wc_length_fraction(progress: float, final_fraction: float, start_fraction: float = START_FRACTION) -> float:
+    """Target WC length as a fraction of the sequence: start_fraction at progress 0, final_fraction at 1, linear.
+    A final fraction above the start one is used as is (no annealing)."""
+    if final_fraction >= start_fraction:
+        return final_fraction
+    p = min(max(progress, 0.0), 1.0)
+    return start_fraction + (final_fraction - start_fraction) * p
+
+
+def target_wc_length(seq_len: int, fraction: float, block_size: int, max_level: int, recent_tokens: int) -> int:
+    """Entries per variant: the fraction of the sequence, raised to the shortest legal cut if needed, and below the
+    sequence length (an all-raw "variant" would be the vanilla forward again)."""
+    floor = min_wc_length(seq_len, block_size, max_level, recent_tokens)
+    want = int(round(fraction * seq_len))
+    return max(floor, min(want, seq_len - 1))
+
+
+def truncation_wc(num_tokens: int, length: int, block_size: int) -> WorkingContext:
+    """The last `length` tokens raw, nothing before them (not a cut of the tree: it covers only the tail)."""
+    if not 1 <= length <= num_tokens:
+        raise ValueError(f"truncation length must be in [1, {num_tokens}], got {length}")
+    return make_wc(np.zeros(length), np.arange(num_tokens - length, num_tokens), num_tokens, block_size)
+
+
+@dataclass
+class RowVariants:
+    """The WCs of one row: `random[i]` uses levels up to `max_levels[i]`; `baseline` is the truncation WC."""
+
+    random: list[WorkingContext]
+    max_levels: list[int]
+    baseline: WorkingContext
+
+
+def row_seed(seed: int, step: int, row_tokens: np.ndarray) -> list[int]:
+    """Seed material from the step and the row's contents (see the module docstring)."""
+    return [seed, step, zlib.crc32(np.ascontiguousarray(row_tokens, dtype=np.int64).tobytes())]
+
+
+def sample_row_variants(row_tokens: np.ndarray, n: int, target: int, block_size: int, max_level: int,
+                        recent_tokens: int, step: int, seed: int = 0) -> RowVariants:
+    """`n` random cuts of a row of T tokens at `target` entries (minus at most K - 1) and the truncation baseline
+    at exactly `target` entries."""
+    T = int(row_tokens.shape[0])
+    rng = np.random.default_rng(row_seed(seed, step, row_tokens))
+    wcs, levels = [], []
+    for i in range(n):
+        lod = 1 + i % max_level
+        if min_wc_length(T, block_size, lod, recent_tokens) > target:
+            lod = max_level  # too shallow to fit: the full tree always fits (target_wc_length checked it)
+        wcs.append(random_wc(T, block_size, lod, target, rng, recent_tokens=recent_tokens))
+        levels.append(lod)
+    return RowVariants(wcs, levels, truncation_wc(T, target, block_size))
+
+
+def wc_targets(wc: WorkingContext, y_row: np.ndarray) -> np.ndarray:
+    """Int64[W] next-token targets of one WC from the row's targets y (y[p] = the token after position p, or -1
+    where it is not supervised): a raw entry followed by a raw entry (or the last entry) gets y at its position;
+    everything else -1. With y = the row shifted by one this is `wc_inputs.next_token_targets`."""
+    raw = wc.levels == 0
+    ok = raw.copy()
+    ok[:-1] &= raw[1:]
+    out = np.full(len(wc), -1, dtype=np.int64)
+    out[ok] = y_row[wc.indices[ok]]
+    return out
+
+
+def shared_tail_mask(lengths: list[int], width: int, tail: int) -> np.ndarray:
+    """Bool[N, width]: the last `tail` entries of each right-padded row (the raw tokens every variant shares)."""
+    out = np.zeros((len(lengths), width), dtype=bool)
+    for i, n in enumerate(lengths):
+        if n < tail:
+            raise ValueError(f"variant {i} has {n} entries, fewer than the shared raw tail of {tail}")
+        out[i, n - tail: n] = True
+    return out

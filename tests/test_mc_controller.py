@@ -1,0 +1,257 @@
+"""MCController: what one training step computes, and that every training knob changes what it says."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from megacontext.config import MCConfig
+from megacontext.controller import MCController, VanillaObjective, config_for_checkpoint, training_objective
+from megacontext.lens_training import LensObjective, hard_negative_pairs, policy_kl_to_neutral
+from megacontext.lensnet import preference_correlation
+from megacontext.mc_metrics import StepMetrics
+from megacontext.variants import START_FRACTION, wc_length_fraction, wc_targets
+from megacontext.wc_inputs import next_token_targets
+from nanochat.gpt import GPT, GPTConfig
+
+K, T, B = 4, 64, 2
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_depth(2, 256, T))
+    model.init_weights()
+    with torch.no_grad():  # zero-initialised heads pass no gradient back at all
+        for w in model.parameters():
+            w.add_(torch.randn_like(w) * 0.02)
+    return model
+
+
+def _controller(**knobs):
+    cfg = MCConfig(mc=True, block_size=K, mc_num_random_variants=3, **knobs)
+    ctrl = MCController(cfg, _model(), num_iterations=10)
+    with torch.no_grad():  # a trained-looking LensNet: its zero-initialised head would score everything 0
+        ctrl.nets.lensnet.head.weight.normal_(0, 0.5)
+    return ctrl
+
+
+def _batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (B, T), generator=g), torch.randint(0, 256, (B, T), generator=g)
+
+
+def test_gradient_reaches_gistnet_lensnet_and_level_embedding():
+    ctrl = _controller()
+    x, y = _batch()
+    total, vanilla = ctrl(x, y, step=0)
+    total.backward()
+    for name, module in [("gistnet", ctrl.nets.gistnet), ("lensnet", ctrl.nets.lensnet),
+                         ("level_embedding", ctrl.nets.level_embedding)]:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        assert grads and sum(float(g.abs().sum()) for g in grads) > 0, name
+    assert float(total.detach()) > float(vanilla.detach()) > 0
+
+
+def test_variants_and_truncation_baseline_are_run_together():
+    ctrl = _controller(mc_max_counterfactuals=2)  # bounds the 3 random variants to 2
+    x, y = _batch()
+    out = ctrl.variant_losses(x, y, step=0, train=True)
+    wcs, target = out["wcs"], out["target"]
+    assert len(wcs) == B * (2 + 1)
+    for b in range(B):
+        row = wcs[b * 3: (b + 1) * 3]
+        baseline = row[-1]
+        assert (baseline.levels == 0).all() and len(baseline) == target
+        assert baseline.indices.tolist() == list(range(T - target, T))
+        for wc in row[:-1]:  # random cuts: shorter than the history, gists before the raw tail
+            assert target - (K - 1) < len(wc) <= target and wc.levels.max() >= 1
+            assert (wc.levels[-ctrl.tail:] == 0).all()
+    metrics = ctrl.step_metrics()
+    assert metrics["mc/variants_total"] == B * 3
+    assert {"mc/tail_loss", "mc/trunc_loss", "mc/lod1_loss", "mc/lod2_loss"} <= set(metrics)
+
+
+def test_target_length_anneals_from_80_percent_to_train_wc_length():
+    assert wc_length_fraction(0.0, 0.2) == START_FRACTION == 0.8
+    assert wc_length_fraction(1.0, 0.2) == pytest.approx(0.2)
+    assert wc_length_fraction(0.5, 0.2) == pytest.approx(0.5)
+    ctrl = _controller(mc_train_wc_length=0.5)
+    lengths = [ctrl.target_length(s) for s in range(0, 11)]
+    assert lengths[0] == round(0.8 * T) and lengths[-1] == round(0.5 * T)
+    assert lengths == sorted(lengths, reverse=True)
+
+
+def test_mc_lens_loss_weight_scales_the_lens_term():
+    x, y = _batch()
+    totals = {}
+    for w in (0.0, 10.0):
+        ctrl = _controller(mc_lens_loss_weight=w)
+        total, vanilla = ctrl(x, y, 0)
+        totals[w] = float((total - vanilla - ctrl.last_parts["variant_loss"]).detach())
+        lens = float(ctrl.last_parts["lens_loss"])
+    assert totals[0.0] == pytest.approx(0.0, abs=1e-6)
+    assert totals[10.0] == pytest.approx(10 * lens, rel=1e-4) and lens > 0
+
+
+def test_mc_lens_temperature_changes_the_fit():
+    x, y = _batch()
+    losses = [float(_controller(mc_lens_temperature=t).variant_losses(x, y, 0, True)["lens_loss"])
+              for t in (0.01, 1.0)]
+    assert losses[0] != pytest.approx(losses[1], rel=1e-3)
+
+
+def test_mc_lens_kl_weight_adds_the_policy_kl():
+    x, y = _batch()
+    ctrl = _controller(mc_lens_kl_weight=2.0)
+    reg = float(ctrl.variant_losses(x, y, 0, True)["regularisers"])
+    assert reg > 0
+    assert float(_controller().variant_losses(x, y, 0, True)["regularisers"]) == 0.0
+    assert float(policy_kl_to_neutral(torch.zeros(5))) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_mc_lens_adv_norm_beta_normalises_by_the_running_rms():
+    group = torch.tensor([0, 0, 1, 1])
+    measured = torch.tensor([1.0, 3.0, 2.0, 2.5])
+    off = LensObjective(0.1, 0.0, 1.0, 0.0, 0.0, 0.9)
+    on = LensObjective(0.1, 0.5, 1.0, 0.0, 0.0, 0.9)
+    for obj in (off, on):
+        obj.normalised_losses(measured, group)
+        obj.end_step()
+    # centred: [-1, 1, -0.25, 0.25]; RMS = sqrt((1 + 1 + 0.0625 * 2) / 4)
+    rms = float(np.sqrt(2.125 / 4))
+    assert on.adv_rms == pytest.approx(rms)
+    torch.testing.assert_close(on.normalised_losses(measured, group), torch.tensor([-1.0, 1.0, -0.25, 0.25]) / rms)
+    torch.testing.assert_close(off.normalised_losses(measured, group), measured)
+    on.normalised_losses(measured * 3, group)  # this step saw losses of RMS rms (above) and 3 rms
+    on.end_step()
+    assert on.adv_rms == pytest.approx(0.5 * rms + 0.5 * np.sqrt((1 + 9) / 2) * rms)  # beta × old + (1 - beta) × new
+
+
+def test_mc_lens_budget_smooth_penalises_jumps_from_the_ema():
+    obj = LensObjective(0.1, 0.0, 1.0, 0.0, budget_smooth_weight=3.0, budget_smooth_beta=0.5)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    _, budget = obj.regularisers(torch.zeros(1, 4), mask)
+    assert float(budget) == 0.0  # no history yet
+    obj.end_step()
+    assert obj.budget_ema == 0.0
+    scores = torch.full((1, 4), 2.0)
+    _, budget = obj.regularisers(scores, mask)
+    assert float(budget) == pytest.approx(3.0 * np.tanh(2.0) ** 2)
+    obj.end_step()
+    assert obj.budget_ema == pytest.approx(0.5 * np.tanh(2.0))
+
+
+def test_mc_lens_hard_negative_ratio_keeps_the_largest_gaps():
+    delta = torch.tensor([0.01, -0.5, 0.2, -0.03])
+    assert sorted(hard_negative_pairs(delta, 0.5).tolist()) == [1, 2]
+    assert sorted(hard_negative_pairs(delta, 1.0).tolist()) == [0, 1, 2, 3]
+    x, y = _batch()
+    a = float(_controller(mc_lens_hard_negative_ratio=0.2).variant_losses(x, y, 0, True)["lens_loss"])
+    b = float(_controller(mc_lens_hard_negative_ratio=1.0).variant_losses(x, y, 0, True)["lens_loss"])
+    assert a != pytest.approx(b, rel=1e-4)
+
+
+def test_mc_aux_dtype_sets_the_compute_dtype_of_gistnet_and_lensnet():
+    x, y = _batch()
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        ctrl = _controller(mc_aux_dtype=name)
+        seen = []
+        for net in (ctrl.nets.gistnet, ctrl.nets.lensnet):
+            linear = next(m for m in net.modules() if isinstance(m, torch.nn.Linear))
+            linear.register_forward_hook(lambda mod, inp, out, seen=seen: seen.append(out.dtype))
+        ctrl.variant_losses(x, y, 0, True)
+        assert len(seen) >= 2 and set(seen) == {dtype}, name
+
+
+def test_mc_positional_changes_what_the_model_sees():
+    x, y = _batch()
+    tails = [_controller(mc_positional=s).variant_losses(x, y, 0, True)["tail_loss"] for s in ("wc", "global")]
+    assert not torch.allclose(tails[0], tails[1])
+
+
+def test_preference_corr_is_near_minus_one_when_lensnet_agrees_with_the_measured_losses():
+    measured = torch.tensor([0.3, -0.2, 0.1, 0.5])
+    # mc/preference_corr_mean = -corr(predicted Δloss, measured Δloss): -1 when LensNet predicts the measured gaps
+    assert -preference_correlation(measured * 2.0, measured) == pytest.approx(-1.0)
+    assert -preference_correlation(-measured, measured) == pytest.approx(1.0)
+    metrics = StepMetrics(max_level=2)  # pooled over micro-batches of one pair each (one-pair Pearson is undefined)
+    for i in range(4):
+        metrics.add_pairs(measured[i:i + 1] * 3.0, measured[i:i + 1])
+    assert metrics.collect()["mc/preference_corr_mean"] == pytest.approx(-1.0)
+    metrics.add_pairs(torch.zeros(4), measured)  # an untrained LensNet predicts no differences: undefined, left out
+    assert "mc/preference_corr_mean" not in metrics.collect()
+
+
+def test_sampling_depends_on_step_and_row_not_on_the_batch_layout():
+    ctrl = _controller()
+    x, y = _batch()
+    both = ctrl.variant_losses(x, y, 3, True)["wcs"]
+    second = ctrl.variant_losses(x[1:], y[1:], 3, True)["wcs"]
+    n = ctrl.variants_per_row + 1
+    assert all((a.levels == b.levels).all() and (a.indices == b.indices).all() for a, b in zip(both[n:], second))
+    other_step = ctrl.variant_losses(x[1:], y[1:], 4, True)["wcs"]
+    assert any(len(a) != len(b) or (a.levels != b.levels).any() for a, b in zip(second, other_step))
+
+
+def test_checkpoint_parts_restore_nets_and_lens_state():
+    ctrl = _controller(mc_lens_adv_norm_beta=0.9)
+    x, y = _batch()
+    ctrl(x, y, 0)
+    ctrl.end_step()
+    aux, meta = ctrl.checkpoint_parts()
+    fresh = _controller(mc_lens_adv_norm_beta=0.9)
+    assert fresh.load_checkpoint_parts(meta, aux)
+    assert fresh.lens.adv_rms == ctrl.lens.adv_rms
+    for a, b in zip(fresh.nets.state_dict().values(), ctrl.nets.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert not fresh.load_checkpoint_parts({}, {})  # a vanilla checkpoint: nets stay fresh
+
+
+def test_checkpoint_architecture_wins_over_the_command_line():
+    saved = MCConfig(mc=True, block_size=8, gistnet_layers=1).to_dict()
+    cli = MCConfig(mc=True, block_size=4, mc_lens_loss_weight=0.5)
+    cfg, changed = config_for_checkpoint(cli, {"mc_config": saved})
+    assert cfg.block_size == 8 and cfg.gistnet_layers == 1 and cfg.mc_lens_loss_weight == 0.5
+    assert set(changed) == {"block_size", "gistnet_layers"}
+
+
+def test_without_mc_the_objective_is_the_vanilla_loss():
+    model = _model()
+    obj = training_objective(dataclasses.replace(MCConfig(), mc=False), model, model, 10)
+    assert isinstance(obj, VanillaObjective) and obj.parameters() == [] and obj.step_metrics() == {}
+    x, y = _batch()
+    total, vanilla = obj(x, y, 0)
+    torch.testing.assert_close(total, model(x, y))
+
+
+def test_variant_targets_follow_y_so_chat_masks_apply():
+    ctrl = _controller()
+    x, _ = _batch()
+    nxt = torch.randint(0, 256, (B, 1))
+    y = torch.cat([x[:, 1:], nxt], dim=1)  # pretraining: y is x shifted
+    out = ctrl.variant_losses(x, y, 0, True)
+    trees = ctrl._build_trees(x)
+    n = ctrl.variants_per_row + 1
+    for i, wc in enumerate(out["wcs"]):
+        b = i // n
+        expected = next_token_targets(wc, trees[b], int(nxt[b, 0]))
+        assert (wc_targets(wc, y[b].numpy()) == expected).all()
+    masked = y.clone()
+    masked[0, :] = -1  # row 0 supervises nothing (e.g. a user turn in SFT): no tail labels from it
+    out = ctrl.variant_losses(x, masked, 0, True)
+    assert torch.isnan(out["tail_loss"][:n]).all() and torch.isfinite(out["tail_loss"][n:]).all()
+    total, _ = ctrl(x, masked, 0, reduction="sum")
+    total.backward()
+    assert torch.isfinite(total)
+
+
+def test_allocator_knobs_shape_the_refocus_report():
+    x, y = _batch()
+    reports = {}
+    for name, knobs in {"eager": {"allocator_expand_threshold": 0.0, "allocator_collapse_threshold": 0.0},
+                        "frozen": {"allocator_expand_threshold": 1e9, "allocator_collapse_threshold": -1e9}}.items():
+        ctrl = _controller(**knobs)
+        ctrl.variant_losses(x, y, 0, True)
+        reports[name] = ctrl.step_metrics()["mc/swap_rate"]
+    assert reports["frozen"] == 0.0 and reports["eager"] > 0.0
