@@ -65,7 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "--eval-tokens", type=int, default=None, help="val tokens per evaluation (default: 20 × the "
              "total batch on CUDA, 4 device batches per rank elsewhere)")
     add_flag(p, "--compile", type=str2bool, default=None, help="torch.compile the model: 1|0 (default 1 on CUDA)")
+    add_flag(p, "--recall-mix", type=int, default=0, help="add N long-context recall conversations (a key in long "
+             "filler, asked for at the end) to the mixture (0: none)")
     args = p.parse_args(strip_separator(argv))
+    if args.recall_mix < 0:
+        p.error("--recall-mix must be >= 0")
     check_positive(p, args, ("device_batch_size", "max_seq_len", "total_batch_size", "num_epochs", "init_lr_frac"))
     return args
 
@@ -95,7 +99,7 @@ def train(args, dist_info) -> dict:
     if args.max_seq_len > model.config.sequence_len:
         print0(f"note: --max-seq-len={args.max_seq_len} is longer than the base model's {model.config.sequence_len}")
     accum = grad_accum_steps(args.total_batch_size, args.device_batch_size, args.max_seq_len, dist_info.world_size)
-    train_task, val_task = mid_mixture(source, "train"), mid_mixture(source, "test")
+    train_task, val_task = mid_mixture(source, "train", args.recall_mix), mid_mixture(source, "test")
     tokens_per_conv = estimate_tokens_per_conversation(train_task, tokenizer, seed=args.seed)
     steps_per_epoch = packed_steps_per_epoch(len(train_task), tokens_per_conv, args.total_batch_size)
     num_iterations = args.num_iterations if args.num_iterations > 0 else max(1, round(args.num_epochs *
