@@ -80,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "--step", type=int, default=None, help="checkpoint step (default: last)")
     add_flag(p, "--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
     add_flag(p, "--text-files", nargs="+", default=None, help="UTF-8 text files to evaluate on (default: val split)")
+    add_flag(p, "--include-val", action="store_true", help="with --text-files: evaluate the val split too")
     add_flag(p, "--history", default="1,8,16,64", help="history lengths: window multiples or tokens ('4096t')")
     add_flag(p, "--wc-budget", type=int, default=None, help="entries the model sees (default: window / 8)")
     add_flag(p, "--eval-tokens", type=int, default=None, help="final tokens scored (default: budget / 4)")
@@ -140,15 +141,16 @@ def load(args, device):
 
 
 def text_sources(args) -> dict[str, list[str]]:
-    if args.text_files:
-        out = {}
-        for path in args.text_files:
-            with open(path, encoding="utf-8") as f:
-                out[os.path.basename(path)] = [f.read()]
-        return out
-    from nanochat.dataset import parquets_iter_batched
+    """{name: texts}: the corpus val split (unless only --text-files are asked for), then each text file."""
+    out = {}
+    if not args.text_files or args.include_val:
+        from nanochat.dataset import parquets_iter_batched
 
-    return {"val split": [t for group in parquets_iter_batched("val") for t in group]}
+        out["val split"] = [t for group in parquets_iter_batched("val") for t in group]
+    for path in args.text_files or []:
+        with open(path, encoding="utf-8") as f:
+            out[os.path.basename(path)] = [f.read()]
+    return out
 
 
 def eval_history(setup: EvalSetup, docs: torch.Tensor, methods: list[str]) -> dict:
@@ -274,11 +276,11 @@ def write_report(results: dict, out_dir: str, tokens_per_step) -> None:
     if results["recall"]:
         png = plot_recall(results["recall"], os.path.join(out_dir, "recall_vs_distance.png"))
         blocks.append("\n".join(["### Recall vs distance of the fact from the end", "",
-                                 *recall_markdown(results["recall"]), f"![recall]({rel}/{os.path.basename(png)})"]))
+                                 *recall_markdown(results["recall"]), "", f"![recall]({rel}/{os.path.basename(png)})"]))
     if results["speed"]:
         png = plot_speed(results["speed"], os.path.join(out_dir, "speed_memory.png"))
         blocks.append("\n".join(["### Generation cost per token (no KV cache on either side) and memory", "",
-                                 *speed_markdown(results["speed"]), f"![speed]({rel}/{os.path.basename(png)})"]))
+                                 *speed_markdown(results["speed"]), "", f"![speed]({rel}/{os.path.basename(png)})"]))
     if results["training"]:
         pngs = plot_training(results["training"], out_dir)
         blocks.append("\n".join(["### MC vs vanilla training on fair axes", "",

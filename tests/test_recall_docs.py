@@ -1,14 +1,17 @@
 """Synthetic recall documents: where the fact lands, the pretraining mix (--recall-mix) and the midtraining task."""
 
+import os
 import random
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from nanochat.dataloader import PretrainLoader
 from nanochat.recall_docs import KINDS, RecallMixer, make_recall_doc
 from nanochat.tasks.mixtures import mid_mixture
 from nanochat.tasks.recall import Recall
-from tests.test_dataloader import corpus  # noqa: F401  (fixture)
+from nanochat.tokenizer import Tokenizer
 
 FILLER = "It rained. The sea was grey. Ships sailed on. " * 20
 
@@ -43,10 +46,18 @@ def test_recall_mixer_is_deterministic_and_mixes_the_asked_fraction():
     assert RecallMixer(0.0)(texts) is texts
 
 
-def test_pretraining_rows_carry_recall_documents_with_the_flag(corpus):  # noqa: F811
+def test_pretraining_rows_carry_recall_documents_with_the_flag(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    docs = [f"Story {i}. The wind blew over the hill. A dog barked twice. Then all was quiet." for i in range(12)]
+    os.makedirs(tmp_path / "base_data")
+    for i, part in enumerate((docs[:8], docs[8:])):  # the last shard is the val split
+        pq.write_table(pa.table({"text": part}), str(tmp_path / "base_data" / f"shard_{i:05d}.parquet"),
+                       row_group_size=4)
+    tokenizer = Tokenizer.train_from_iterator(iter(docs), 300)
+
     def text_of(mix: float) -> str:
-        loader = PretrainLoader(corpus, batch_size=4, seq_len=64, device="cpu", recall_mix=mix)
-        return "".join(corpus.decode(next(loader)[0][r].tolist()) for r in range(4) for _ in range(1))
+        loader = PretrainLoader(tokenizer, batch_size=4, seq_len=64, device="cpu", recall_mix=mix)
+        return "".join(tokenizer.decode(row.tolist()) for row in next(loader)[0])
 
     assert "pass key" not in text_of(0.0) and "locker code" not in text_of(0.0)
     mixed = text_of(1.0)
