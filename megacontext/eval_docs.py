@@ -3,6 +3,7 @@
 - `token_stream(tokenizer, texts)`: documents laid end to end, each led by BOS (as in pretraining);
 - `windows(stream, length, count, bos)`: `count` non-overlapping, evenly spaced windows of `length` tokens, each
   starting with BOS (a window that starts inside a document gets BOS in front, as pretraining rows do);
+- `nested_windows(...)`: the same documents at every history length (shorter histories are suffixes);
 - `synthetic_recall_cases(...)`: passkey / associative-recall documents (`nanochat.recall_docs`) built on filler
   from the evaluation text, with the asked-for fact at chosen distances from the end;
 - `load_recall_file(path)`: `{"text": ..., "answer": ...}` per line; a bad line is named in the error.
@@ -55,6 +56,21 @@ def windows(stream: np.ndarray, length: int, count: int, bos: int) -> np.ndarray
             out[i, 0] = bos
             out[i, 1:] = stream[start:start + body]
     return out
+
+
+def nested_windows(stream: np.ndarray, histories: list[int], count: int, bos: int) -> tuple[dict, dict]:
+    """({N: int64[B, N + 1]}, {N: why not}) for the histories the stream holds: windows of the longest such history,
+    shorter histories cut from their ends (BOS + the last N tokens). Every history is scored on the same final
+    tokens, so loss against history length shows what more history buys and nothing else."""
+    fits = [N for N in histories if N + 1 <= stream.size]
+    notes = {N: f"the text has {stream.size} tokens, too few for a history of {N}" for N in histories if N not in fits}
+    if not fits:
+        return {}, notes
+    longest = windows(stream, max(fits) + 1, count, bos)  # (B, Nmax + 1)
+    docs = {}
+    for N in fits:
+        docs[N] = np.concatenate([np.full((longest.shape[0], 1), bos, dtype=np.int64), longest[:, -N:]], axis=1)
+    return docs, notes
 
 
 def synthetic_recall_cases(tokenizer, filler_stream: np.ndarray, lengths: list[int], per_length: int,

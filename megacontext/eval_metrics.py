@@ -57,14 +57,15 @@ def distance_bin(distance: int, window: int) -> str:
 
 
 def recall_table(records: list[dict], window: int) -> dict:
-    """records: {method, kind, distance, recalled} -> {kind: {bin: {method: (accuracy, count)}}} in bin order."""
+    """records: {method, kind, distance, recalled, answer_loss} -> {kind: {bin: {method: (accuracy, count, mean
+    answer loss in nats)}}} in bin order. The answer loss still moves when accuracy is stuck at 0 or 1."""
     order = {distance_bin(int(lo * window), window): i for i, lo in enumerate(DISTANCE_EDGES[:-1])}
     table: dict = {}
     for rec in records:
         cell = table.setdefault(rec["kind"], {}).setdefault(distance_bin(rec["distance"], window), {})
-        hits, n = cell.get(rec["method"], (0, 0))
-        cell[rec["method"]] = (hits + int(rec["recalled"]), n + 1)
-    return {kind: {b: {m: (h / n, n) for m, (h, n) in bins[b].items()} for b in sorted(bins, key=order.get)}
+        hits, n, loss = cell.get(rec["method"], (0, 0, 0.0))
+        cell[rec["method"]] = (hits + int(rec["recalled"]), n + 1, loss + rec.get("answer_loss", float("nan")))
+    return {kind: {b: {m: (h / n, n, s / n) for m, (h, n, s) in bins[b].items()} for b in sorted(bins, key=order.get)}
             for kind, bins in table.items()}
 
 

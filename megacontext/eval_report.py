@@ -55,10 +55,12 @@ def recall_markdown(recall: dict) -> list[str]:
     for source, kinds in recall.items():
         for kind, bins in kinds.items():
             methods = [m for m in METHODS if any(m in cell for cell in bins.values())]
-            lines += [f"Recall accuracy, {source} / {kind} (cases per cell in parentheses):", "",
+            lines += [f"Recall accuracy, {source} / {kind} (cases per cell in parentheses; then the mean loss of "
+                      "the whole answer in nats):", "",
                       "| fact distance from end | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
             for b, cell in bins.items():
-                row = [f"{100 * cell[m][0]:.0f} % ({cell[m][1]})" if m in cell else "skip" for m in methods]
+                row = [f"{100 * cell[m][0]:.0f} % ({cell[m][1]}) · {cell[m][2]:.2f}" if m in cell else "skip"
+                       for m in methods]
                 lines.append(f"| {b} | " + " | ".join(row) + " |")
             lines.append("")
     return lines or ["No recall cases were run."]

@@ -11,7 +11,6 @@ Memory: the tree's storage (token ids + gists) and, on CUDA, the peak allocated 
 
 import time
 
-import numpy as np
 import torch
 
 from megacontext.allocator import AllocatorConfig, FocusAllocator
@@ -26,7 +25,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up call."""
+    """Fastest of `repeats` calls after one warm-up call (the least disturbed by other work on a shared machine)."""
     fn()
     times = []
     for _ in range(repeats):
@@ -35,7 +34,7 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(min(times))
 
 
 def _peak_mib(device: torch.device, fn) -> float | None:

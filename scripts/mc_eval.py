@@ -24,7 +24,7 @@ import re
 import torch
 
 from megacontext.config import MCConfig
-from megacontext.eval_docs import load_recall_file, synthetic_recall_cases, token_stream, windows
+from megacontext.eval_docs import load_recall_file, nested_windows, synthetic_recall_cases, token_stream
 from megacontext.eval_methods import METHODS, EvalSetup, MethodSkipped, TreeCache, run_method
 from megacontext.eval_metrics import read_loss_log, recall_table, summarize_history, telemetry_rows, training_curve
 from megacontext.eval_report import (
@@ -44,6 +44,7 @@ from megacontext.nets import MCNets, has_mc_nets, load_mc_nets
 from nanochat.checkpoint_manager import build_model, checkpoints_dir, load_checkpoint, resolve_checkpoint
 from nanochat.common import (
     add_flag,
+    autocast_context,
     compute_cleanup,
     compute_init,
     get_base_dir,
@@ -216,17 +217,16 @@ def main(argv=None) -> dict:
                           "fresh_mc_nets": args.fresh_mc_nets, "device": str(device)},
                "histories": {}, "notes": {}, "recall": {}, "speed": []}
     streams = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast_context(dist_info.device_type):
         for name, texts in text_sources(args).items():
             stream = streams[name] = token_stream(tokenizer, texts)
             per = results["histories"][name] = {}
-            for N in histories:
-                try:
-                    docs = torch.from_numpy(windows(stream, N + 1, args.max_docs, bos)).to(device)
-                except ValueError as e:
-                    results["notes"][f"{name} @ {N}"] = str(e)
-                    print0(f"{name}, history {N}: skipped ({e})")
-                    continue
+            nested, notes = nested_windows(stream, histories, args.max_docs, bos)
+            for N, why in notes.items():
+                results["notes"][f"{name} @ {N}"] = why
+                print0(f"{name}, history {N}: not run ({why})")
+            for N, arr in nested.items():
+                docs = torch.from_numpy(arr).to(device)
                 per[N] = eval_history(setup, docs, args.methods)
                 print0(f"{name}, history {N} ({docs.shape[0]} docs): " + ", ".join(
                     f"{m} {r['loss']:.3f}" for m, r in per[N].items() if "loss" in r))
@@ -267,6 +267,8 @@ def write_report(results: dict, out_dir: str, tokens_per_step) -> None:
                                    f"{source}: loss on the final {cfg['eval_tokens']} tokens")
         skipped = {f"{m} @ {h}": r["skipped"] for h, rows in per.items() for m, r in rows.items() if "skipped" in r}
         blocks.append("\n".join([f"### {source}: loss per token (nats) at a budget of {cfg['wc_budget']} entries", "",
+                                 f"Every history length scores the same final {cfg['eval_tokens']} tokens of the same "
+                                 f"{cfg['max_docs']} (or fewer) windows; shorter histories are their suffixes.", "",
                                  *loss_table(per, window), "", "Gap closed (truncation → full attention):", "",
                                  *gap_table(per), "", f"![loss vs history]({rel}/{os.path.basename(png)})"]))
         if skipped:
