@@ -101,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
              "check only)")
     add_flag(p, "--block-size", type=int, default=8, help="K of --fresh-mc-nets")
     add_flag(p, "--mc-max-lod", type=int, default=2, help="max level of --fresh-mc-nets")
+    add_flag(p, "--gistnet-type", choices=("transformer", "mean"), default="transformer",
+             help="gists of --fresh-mc-nets (mean: parameter-free, the only untrained gists that mean something)")
     add_flag(p, "--seed", type=int, default=0)
     add_flag(p, "--out-dir", default=None, help="plots and JSON (default: $NANOCHAT_BASE_DIR/report/mc_eval)")
     args = p.parse_args(strip_separator(argv))
@@ -131,7 +133,7 @@ def load(args, device):
     model = build_model(state, meta, device, "eval")
     if args.fresh_mc_nets:
         torch.manual_seed(args.seed)
-        cfg = MCConfig(mc=True, block_size=args.block_size, mc_max_lod=args.mc_max_lod)
+        cfg = MCConfig(mc=True, block_size=args.block_size, mc_max_lod=args.mc_max_lod, gistnet_type=args.gistnet_type)
         nets = MCNets.for_model(cfg.resolve(model.config.sequence_len), model)
     elif not has_mc_nets(meta, aux):
         raise ValueError(f"{checkpoint_dir} step {step} has no MegaContext nets; evaluate a checkpoint trained "

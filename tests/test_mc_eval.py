@@ -272,6 +272,17 @@ def test_mc_eval_refuses_a_checkpoint_without_mc_nets(tmp_path, monkeypatch, tok
     save_checkpoint(os.path.join(str(tmp_path), PHASE_DIRS["base"], "d1"), 1, model.state_dict(), None, meta)
     with pytest.raises(ValueError, match="--fresh-mc-nets"):
         mc_eval.main(["--device-type", "cpu", "--model-tag", "d1"])
+    # with fresh nets it runs, and the report's first line says the numbers are a pipeline check only
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(TINY_CORPUS) * 3, encoding="utf-8")
+    results = mc_eval.main(["--device-type", "cpu", "--model-tag", "d1", "--fresh-mc-nets", "--gistnet-type", "mean",
+                            "--block-size", "4", "--text-files", str(text), "--history", "1", "--wc-budget", "16",
+                            "--eval-tokens", "4", "--max-docs", "1", "--recall-cases", "0", "--speed-repeats", "0",
+                            "--methods", "truncation,mc_mean,mc_recency"])
+    row = results["histories"]["t.txt"][64]
+    assert row["mc_mean"]["loss"] == pytest.approx(row["mc_recency"]["loss"])  # mean GistNet: the same gists
+    section = open(os.path.join(str(tmp_path), "report", "megacontext-evaluation.md"), encoding="utf-8").read()
+    assert section.splitlines()[3].startswith("**Pipeline check only")
     with pytest.raises(SystemExit):
         mc_eval.main(["--methods", "full,nope"])
     with pytest.raises(ValueError, match="4096t"):
