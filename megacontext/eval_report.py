@@ -68,14 +68,15 @@ def recall_markdown(recall: dict) -> list[str]:
 
 def speed_markdown(speed: list[dict]) -> list[str]:
     lines = ["| history | WC entries | MC tok/s | vanilla tok/s (last window) | MC forward ms | refocus ms | "
-             "ingest µs/token | tree MiB | MC peak MiB | vanilla peak MiB |", "|---" * 10 + "|"]
+             "ingest µs/token | tree MiB | MC peak MiB | vanilla peak MiB | process RSS MiB |", "|---" * 11 + "|"]
     for r in speed:
         if "skipped" in r:
-            lines.append(f"| {r['history']} | skipped: {r['skipped']} |" + " |" * 8)
+            lines.append(f"| {r['history']} | skipped: {r['skipped']} |" + " |" * 9)
             continue
         lines.append(f"| {r['history']} | {r['wc_length']} | {r['mc_tok_s']:.1f} | {r['vanilla_tok_s']:.1f} | "
                      f"{r['mc_forward_ms']:.2f} | {r['mc_refocus_ms']:.2f} | {r['mc_ingest_us_per_token']:.1f} | "
-                     f"{r['tree_mib']:.3f} | {_fmt(r['mc_peak_mib'], 1)} | {_fmt(r['vanilla_peak_mib'], 1)} |")
+                     f"{r['tree_mib']:.3f} | {_fmt(r['mc_peak_mib'], 1)} | {_fmt(r['vanilla_peak_mib'], 1)} | "
+                     f"{_fmt(r.get('rss_mib'), 0)} |")
     return lines
 
 
@@ -127,13 +128,15 @@ def plot_speed(speed: list[dict], path: str) -> str:
     h = [r["history"] for r in rows]
     a.plot(h, [r["mc_tok_s"] for r in rows], marker="o", label="MegaContext")
     a.plot(h, [r["vanilla_tok_s"] for r in rows], marker="o", label="vanilla (last window only)")
-    a.set(xscale="log", xlabel="history (tokens)", ylabel="tokens / s (no KV cache)", title="generation speed")
+    a.set_xscale("log", base=2)
+    a.set(xlabel="history (tokens)", ylabel="tokens / s (no KV cache)", title="generation speed")
     a.legend(fontsize=8)
     b.plot(h, [r["tree_mib"] for r in rows], marker="o", label="MC tree storage")
     if rows and rows[0].get("mc_peak_mib") is not None:
         b.plot(h, [r["mc_peak_mib"] for r in rows], marker="o", label="MC peak (CUDA)")
         b.plot(h, [r["vanilla_peak_mib"] for r in rows], marker="o", label="vanilla peak (CUDA)")
-    b.set(xscale="log", xlabel="history (tokens)", ylabel="MiB", title="memory")
+    b.set_xscale("log", base=2)
+    b.set(xlabel="history (tokens)", ylabel="MiB", title="memory")
     b.legend(fontsize=8)
     return _save(fig, path)
 

@@ -6,11 +6,13 @@ the two compare like for like; a cached decoder is faster on both sides by about
 - MegaContext: one forward over its W-entry working context, plus one LensNet + allocator refocus every
   `refocus_interval` tokens, plus the amortized cost of adding a token to the gist tree (measured by building
   the tree of the whole history incrementally, as a live session does).
-Memory: the tree's storage (token ids + gists) and, on CUDA, the peak allocated memory of each measurement.
+Memory: the tree's storage (token ids + gists), the process RSS after each measurement and, on CUDA, the peak
+allocated memory of each measurement.
 """
 
 import time
 
+import psutil
 import torch
 
 from megacontext.allocator import AllocatorConfig, FocusAllocator
@@ -101,5 +103,6 @@ def decode_cost(model, nets, ids: torch.Tensor, budget: int, repeats: int = 3) -
         "mc_tok_s": 1.0 / mc_per_token, "vanilla_tok_s": 1.0 / van, "vanilla_context": vanilla_ids.shape[1],
         "tree_mib": tree_bytes(tree) / 2**20, "wc_length": len(wc),
         "mc_peak_mib": _peak_mib(device, mc_forward), "vanilla_peak_mib": _peak_mib(device, lambda: model(vanilla_ids)),
+        "rss_mib": psutil.Process().memory_info().rss / 2**20,  # the whole process, tree included (CPU runs)
     })
     return out
