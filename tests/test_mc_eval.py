@@ -225,6 +225,7 @@ def save_tiny_mc_checkpoint(base_dir: str, tokenizer) -> None:
                     aux_states=aux)
 
 
+@pytest.mark.slow
 def test_mc_eval_script_writes_tables_plots_json_and_the_report_section(tmp_path, monkeypatch, tokenizer):
     from scripts import mc_eval
 
@@ -262,6 +263,7 @@ def test_mc_eval_script_writes_tables_plots_json_and_the_report_section(tmp_path
         assert json.load(f)["config"]["wc_budget"] == 16
 
 
+@pytest.mark.slow
 def test_mc_eval_refuses_a_checkpoint_without_mc_nets(tmp_path, monkeypatch, tokenizer):
     from scripts import mc_eval
 
