@@ -170,6 +170,9 @@ def eval_history(setup: EvalSetup, docs: torch.Tensor, methods: list[str]) -> di
 def eval_recall(setup: EvalSetup, cases, methods: list[str]) -> list[dict]:
     records = []
     for case in cases:
+        if case.num_answer >= setup.budget:
+            raise ValueError(f"a {case.kind} recall answer of {case.num_answer} tokens does not fit the working-context "
+                             f"budget of {setup.budget}; shorten the answer or raise --wc-budget")
         docs = torch.from_numpy(case.ids)[None].to(setup.model.get_device())
         case_setup = dataclasses.replace(setup, eval_tokens=case.num_answer)
         trees = TreeCache(case_setup, docs)
