@@ -74,4 +74,11 @@ else
 fi
 
 python -m scripts.chat_cli -p "Why is the sky blue?"
+if [ "${MC:-0}" = 1 ]; then  # --mc: measure MegaContext against the simple alternatives at the same budget
+  if [ "$gpu" = cpu ]; then
+    stage_mc_eval "${TAG}_mc" --history=1,8,16 --max-docs=4 --recall-cases=4 --oracle-candidates=32
+  else
+    stage_mc_eval "${TAG}_mc"
+  fi
+fi
 stage_report

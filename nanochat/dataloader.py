@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from nanochat.dataset import parquets_iter_batched
+from nanochat.recall_docs import RecallMixer
 
 # Reading and tokenizing the next row group happens on these threads while the current one is consumed (tiktoken
 # releases the GIL), so a rank with many data slots does not stall when they all run out at about the same step.
@@ -52,13 +53,14 @@ class TokenStream:
     """
 
     def __init__(self, tokenizer, split: str, slot: int, num_slots: int, loop: bool, state: dict | None = None,
-                 tokenizer_threads: int = 4):
+                 tokenizer_threads: int = 4, mix=None):
         if not 0 <= slot < num_slots:
             raise ValueError(f"slot {slot} is outside [0, {num_slots})")
         self.tokenizer = tokenizer
         self.bos = tokenizer.get_bos_token_id()
         self.split, self.slot, self.num_slots, self.loop = split, slot, num_slots, loop
         self.tokenizer_threads = tokenizer_threads
+        self.mix = mix  # optional texts -> texts (e.g. RecallMixer), applied to each row group before tokenizing
         state = state or {"epoch": 0, "row_group": 0, "pos": 0}
         self.epoch, self.row_group, self.pos = state["epoch"], state["row_group"], state["pos"]
         self._texts = self._open(skip=self.row_group)
@@ -100,6 +102,8 @@ class TokenStream:
                 return None, False
             self._texts, wrapped = self._open(skip=0), True
             texts = self._next_texts()
+        if self.mix is not None:
+            texts = self.mix(texts)
         docs = self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.tokenizer_threads)
         count = sum(len(d) for d in docs)
         return np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int32, count=count), wrapped
@@ -149,7 +153,7 @@ class PretrainLoader:
 
     def __init__(self, tokenizer, batch_size: int, seq_len: int, device, split: str = "train",
                  rank: int = 0, world_size: int = 1, grad_accum: int = 1, state: dict | None = None,
-                 tokenizer_threads: int = 4):
+                 tokenizer_threads: int = 4, recall_mix: float = 0.0):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         self.batch_size, self.seq_len = batch_size, seq_len
@@ -157,8 +161,9 @@ class PretrainLoader:
         self.num_slots = world_size * grad_accum
         self.slots = list(range(rank * grad_accum, (rank + 1) * grad_accum))
         slot_states = self._slot_states(state)
+        mix = RecallMixer(recall_mix) if recall_mix > 0 else None  # synthetic recall documents (--recall-mix)
         self.streams = [TokenStream(tokenizer, split, s, self.num_slots, loop=True, state=slot_states[s],
-                                    tokenizer_threads=tokenizer_threads) for s in self.slots]
+                                    tokenizer_threads=tokenizer_threads, mix=mix) for s in self.slots]
         self.micro_step = 0 if state is None else state["micro_step"]
 
     def _slot_states(self, state: dict | None) -> list:

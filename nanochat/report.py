@@ -140,9 +140,14 @@ class Report:
         final = os.path.join(self.report_dir, "report.md")
         with atomic_open(final, "w") as f:
             f.write(text)
+        out_dir = os.path.dirname(os.path.abspath(out_path)) if out_path else self.report_dir
         if out_path and os.path.abspath(out_path) != os.path.abspath(final):  # run from the base dir: same file
-            os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+            os.makedirs(out_dir, exist_ok=True)
             shutil.copyfile(final, out_path)
+            for name in os.listdir(self.report_dir):  # sections' assets (e.g. plots), linked relative to report.md
+                src = os.path.join(self.report_dir, name)
+                if os.path.isdir(src) and os.path.abspath(src) != os.path.join(out_dir, name):
+                    shutil.copytree(src, os.path.join(out_dir, name), dirs_exist_ok=True)
         return out_path or final
 
 

@@ -112,6 +112,13 @@ stage_train() {
   mkdir -p "$NANOCHAT_BASE_DIR/recipe_stages" && touch "$(stage_marker "$name")"
 }
 
+# stage_mc_eval TAG [FLAGS...]: MegaContext against truncation, sink + window and full attention on the MC base
+# checkpoint TAG (d<depth>_mc), into the report's "MegaContext evaluation" section. Recipes call it when --mc is on.
+stage_mc_eval() {
+  local tag="$1"; shift
+  stage_once mc_eval python -m scripts.mc_eval -i base --model-tag="$tag" "$@"
+}
+
 # run_multi_gpu_recipe DEPTH SHARDS DEVICE_BATCH: the 8xH100 recipes (speedrun.sh, run1000.sh) differ only in these.
 run_multi_gpu_recipe() {
   local depth="$1" shards="$2" dbs="$3"
@@ -136,6 +143,7 @@ run_multi_gpu_recipe() {
     "${mc_chat[@]+"${mc_chat[@]}"}"
   stage_once chat_eval "${torchrun[@]}" -m scripts.chat_eval -- -i sft --run="$run"
   python -m scripts.chat_cli -p "Why is the sky blue?"
+  if [ "${MC:-0}" = 1 ]; then stage_mc_eval "${tag}_mc"; fi
   stage_report
 }
 

@@ -112,6 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "--seed", type=int, default=42, help="seed of the weight init")
     add_flag(p, "--loss-log", default=None, help="append one JSON line per step (loss, lrm, dt) and eval to PATH")
     add_mc_args(p)
+    add_flag(p, "--recall-mix", type=float, default=0.0,
+             help="fraction of training documents replaced by synthetic passkey / associative-recall documents "
+                  "built on them (teaches long-range recall; 0: off)")
     argv = strip_separator(argv)  # `torchrun ... -m scripts.X -- --flags`
     args = p.parse_args(argv)
     for name in ("depth", "max_seq_len", "device_batch_size", "total_batch_size"):
@@ -299,7 +302,7 @@ def setup(args, dist_info) -> Run:
                              "raise --num-iterations (or use a fresh --model-tag)")
         print0(f"resumed from {checkpoint_dir} step {start_step}")
     loader = PretrainLoader(tokenizer, args.device_batch_size, args.max_seq_len, device, "train", dist_info.rank,
-                            dist_info.world_size, accum, state=loader_state)
+                            dist_info.world_size, accum, state=loader_state, recall_mix=args.recall_mix)
 
     print0(f"model d{args.depth}: {num_params:,} params, width {model.config.n_embd}, {model.config.n_head} heads, "
            f"vocab {model.config.vocab_size}, {flops_per_token:.3e} FLOPs/token")

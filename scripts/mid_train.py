@@ -66,7 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
              "total batch on CUDA, 4 device batches per rank elsewhere)")
     add_flag(p, "--compile", type=str2bool, default=None, help="torch.compile the model: 1|0 (default 1 on CUDA)")
     add_mc_args(p)
+    add_flag(p, "--recall-mix", type=int, default=0, help="add N long-context recall conversations (a key in long "
+             "filler, asked for at the end) to the mixture (0: none)")
     args = p.parse_args(strip_separator(argv))
+    if args.recall_mix < 0:
+        p.error("--recall-mix must be >= 0")
     check_positive(p, args, ("device_batch_size", "max_seq_len", "total_batch_size", "num_epochs", "init_lr_frac"))
     return args
 
@@ -107,7 +111,8 @@ class MidStage:
         # data and horizon
         self.accum = grad_accum_steps(args.total_batch_size, args.device_batch_size, args.max_seq_len,
                                       dist_info.world_size)
-        self.train_task, self.val_task = mid_mixture(self.source, "train"), mid_mixture(self.source, "test")
+        self.train_task = mid_mixture(self.source, "train", args.recall_mix)
+        self.val_task = mid_mixture(self.source, "test")
         self.tokens_per_conv = estimate_tokens_per_conversation(self.train_task, self.tokenizer, seed=args.seed)
         self.steps_per_epoch = packed_steps_per_epoch(len(self.train_task), self.tokens_per_conv,
                                                       args.total_batch_size)

@@ -64,3 +64,17 @@ def test_cli_generate(base_dir, monkeypatch):
 def test_bad_data_item_is_a_type_error(base_dir):
     with pytest.raises(TypeError, match="dict or str"):
         get_report().log("Chat SFT", [3.0])
+
+
+def test_section_assets_travel_with_the_copied_report(base_dir):
+    """Plots live in a sub-directory of the report dir and are linked relatively; the copy keeps the links working."""
+    report = get_report()
+    report.log("MegaContext evaluation", ["![loss](mc_eval/loss.png)"])
+    os.makedirs(os.path.join(report.report_dir, "mc_eval"))
+    with open(os.path.join(report.report_dir, "mc_eval", "loss.png"), "wb") as f:
+        f.write(b"png")
+    out = base_dir / "out" / "report.md"
+    report.generate(str(out))
+    assert "![loss](mc_eval/loss.png)" in out.read_text()
+    assert (base_dir / "out" / "mc_eval" / "loss.png").read_bytes() == b"png"
+    report.generate(str(out))  # regenerating over an existing copy works

@@ -11,6 +11,7 @@ spelling generators.
 
 from nanochat.tasks.base import Task, TaskMixture
 from nanochat.tasks.offline import Arithmetic, Dialogues, Identity, MultipleChoice, Spelling
+from nanochat.tasks.recall import Recall
 
 DATA_CHOICES = ("offline", "hub", "auto")
 
@@ -30,10 +31,12 @@ def resolve_data_source(choice: str, printer=print) -> str:
     return source
 
 
-def mid_mixture(source: str, split: str = "train") -> Task:
-    """Midtraining: teach the chat format, tool use and multiple-choice answering on top of the base model."""
+def mid_mixture(source: str, split: str = "train", recall_examples: int = 0) -> Task:
+    """Midtraining: teach the chat format, tool use and multiple-choice answering on top of the base model.
+    `recall_examples` > 0 adds that many long-context recall conversations (`--recall-mix`)."""
     if split == "test":
         return _val_mixture(source)
+    recall = [Recall("train", size=recall_examples)] if recall_examples > 0 else []
     if source == "offline":
         return TaskMixture([
             Dialogues("train"),
@@ -41,6 +44,7 @@ def mid_mixture(source: str, split: str = "train") -> Task:
             Arithmetic("train", size=6_000),
             Spelling("train", size=3_000),
             MultipleChoice("train", size=3_000),
+            *recall,
         ])
     from nanochat.tasks.hub import GSM8K, MMLU, SmolTalk
 
@@ -51,6 +55,7 @@ def mid_mixture(source: str, split: str = "train") -> Task:
         Identity("train", size=1_000), Identity("train", size=1_000),  # listed twice: oversampled
         Spelling("train", size=80_000),
         Arithmetic("train", size=20_000),
+        *recall,
     ])
 
 
