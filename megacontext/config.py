@@ -291,6 +291,9 @@ def _require(ok: bool, message: str) -> None:
 def add_mc_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Register every MegaContext flag (dash and underscore spellings) in one argument group."""
     d = MCConfig()
+    # Many MC flags share prefixes (--allocator_soft_max_length, --allocator_sample_top_k, ...): argparse's prefix
+    # matching would quietly accept retired spellings such as --allocator_soft_max. Only full names are taken.
+    parser.allow_abbrev = False
     g = parser.add_argument_group("MegaContext")
     g.add_argument("--mc", action="store_true", help="enable MegaContext (tree + working context + allocator)")
     add_flag(g, "--block_size", type=int, default=d.block_size, help="tokens per gist block K (8, 32, 128)")

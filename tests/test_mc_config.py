@@ -12,8 +12,8 @@ from megacontext.config import MCConfig, add_mc_args
 from megacontext.working_context import min_wc_length
 
 
-def parse(argv, allow_abbrev=True):
-    parser = argparse.ArgumentParser(allow_abbrev=allow_abbrev)
+def parse(argv):
+    parser = argparse.ArgumentParser()  # prefix matching on, as in every script: add_mc_args turns it off
     add_mc_args(parser)
     return MCConfig.from_args(parser.parse_args(argv))
 
@@ -39,7 +39,7 @@ def test_booleans_and_no_alias_spellings():
     for alias in (["--mc_enabled", "1"], ["--allocator", "greedy"], ["--allocator_soft_max", "256"],
                   ["--positional_type", "wc"]):
         with pytest.raises(SystemExit):
-            parse(alias, allow_abbrev=False)
+            parse(alias)
 
 
 def test_every_field_has_a_flag():
@@ -150,3 +150,4 @@ def test_max_history_tokens_really_fits(k, lod, tail_blocks, extra):
     assert MCConfig.from_dict(cfg.to_dict()) == cfg
     history = min(cfg.max_history_tokens(), 10**6)
     assert min_wc_length(history, k, lod, cfg.recent_tokens) <= cfg.soft_max_length()
+
