@@ -35,11 +35,16 @@ def clean_copy(dest: Path) -> Path:
         check=True,
         capture_output=True,
     ).stdout.split(b"\0")
-    for name in filter(None, names):
-        src = REPO / os.fsdecode(name)
-        if src.is_file() and not src.is_symlink():  # deleted-but-tracked files and links (.venv) are skipped
-            (dest / os.fsdecode(name)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / os.fsdecode(name))
+    for name in map(os.fsdecode, filter(None, names)):
+        src, dst = REPO / name, dest / name
+        if src.is_symlink():
+            # In-repo links (runs/) come along; one pointing out of the tree (a shared .venv) never does.
+            if not os.path.isabs(os.readlink(src)):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.symlink_to(os.readlink(src))
+        elif src.is_file():  # a tracked file deleted in the working tree is skipped
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
     return dest
 
 
