@@ -95,6 +95,7 @@ missing_debian_crates() {
 
 ensure_debian_crates() {
     [ -z "$(missing_debian_crates)" ] && return 0
+    # shellcheck disable=SC2086  # word splitting of the package list is intended
     apt_install "the Rust crates rustbpe/ builds from while crates.io is unreachable (pyo3, regex, rayon and \
 their dependencies as Debian's librust-*-dev source packages)" $DEBIAN_PACKAGES || true
     local missing

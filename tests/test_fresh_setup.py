@@ -1,11 +1,15 @@
-"""Setup the way a fresh machine runs it, and the recipes' GPU check.
+"""Setup the way a fresh machine runs it, and what a user meets on the wrong machine.
 
 The slow tests copy the repository's files (what a clone holds: tracked plus not-ignored files, no `.venv`,
-no build outputs) into a temporary folder and run `bash mc_setup --dev --no-data` there with a bare `PATH`
+no build outputs) into a temporary folder and run `bash mc_setup` there with a bare `PATH`
 (/usr/local/bin:/usr/bin:/bin: no uv, no pyenv, no `~/.cargo/bin`), a temporary `HOME` and only this
-machine's package-registry settings (PIP_*, UV_*, proxies). Setup does what it does for a user: where it is
-root with apt-get and no Rust toolchain exists, it installs Debian's. The shared `.venv` of the checkout
-running the tests is never touched.
+machine's package-registry settings (PIP_*, UV_*, proxies, CA bundles). Setup does what it does for a user:
+as root with apt-get and no Rust toolchain, it installs Debian's and builds the local rustbpe; with neither
+a toolchain nor apt-get it must still finish, on the PyPI wheel and with a warning. The shared `.venv` of the
+checkout running the tests is never touched.
+
+The fast ones: the GPU recipes stop before installing anything when the GPUs are missing, the downloader's
+offline message names the mirror setting, and W&B's files stay in each test's tmp dir (tests/conftest.py).
 """
 
 import os
@@ -35,11 +39,16 @@ def clean_copy(dest: Path) -> Path:
         check=True,
         capture_output=True,
     ).stdout.split(b"\0")
-    for name in filter(None, names):
-        src = REPO / os.fsdecode(name)
-        if src.is_file() and not src.is_symlink():  # deleted-but-tracked files and links (.venv) are skipped
-            (dest / os.fsdecode(name)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / os.fsdecode(name))
+    for name in map(os.fsdecode, filter(None, names)):
+        src, dst = REPO / name, dest / name
+        if src.is_symlink():
+            # In-repo links (runs/) come along; one pointing out of the tree (a shared .venv) never does.
+            if not os.path.isabs(os.readlink(src)):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.symlink_to(os.readlink(src))
+        elif src.is_file():  # a tracked file deleted in the working tree is skipped
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
     return dest
 
 
