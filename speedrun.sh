@@ -11,15 +11,6 @@ set -euo pipefail
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")"
 source ./recipes/common.sh
 
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
-    *)
-      take_mc_option "$@"
-      [ "$MC_TAKEN" -gt 0 ] || unknown_option "$(basename "$0") takes --mc" "$1"
-      shift "$MC_TAKEN" ;;
-  esac
-done
-check_mc_options
+parse_mc_only_args "$0" "$@"
 
 run_multi_gpu_recipe 20 240 32

@@ -193,6 +193,22 @@ check_mc_options() {
   fi
 }
 
+# parse_mc_only_args SCRIPT ARGS...: the command line of a recipe that takes nothing but --mc and its knobs
+# (speedrun.sh, run1000.sh); -h prints the script's header comment.
+parse_mc_only_args() {
+  local script="$1"; shift
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      -h|--help) sed -n '2,9p' "$script"; exit 0 ;;
+      *)
+        take_mc_option "$@"
+        [ "$MC_TAKEN" -gt 0 ] || unknown_option "$(basename "$script") takes --mc" "$1"
+        shift "$MC_TAKEN" ;;
+    esac
+  done
+  check_mc_options
+}
+
 # mc_stage_args: the flags every training stage gets (none without --mc); MC_SUFFIX separates MC checkpoints and
 # stage markers (d12 -> d12_mc) so an MC run never resumes or skips on a vanilla one.
 mc_stage_args() {

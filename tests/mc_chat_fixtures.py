@@ -6,7 +6,9 @@ allocator has opinions and the focus actually moves (a fresh head scores every e
 """
 
 import os
+from contextlib import contextmanager
 
+import pytest
 import torch
 from chat_fixtures import make_tiny_checkpoint
 
@@ -33,3 +35,16 @@ def make_tiny_mc_checkpoint(base_dir: str, *, source: str = "sft", stop: str = "
     checkpoint_dir = os.path.join(base_dir, PHASE_DIRS[source], MC_TAG)
     save_checkpoint(checkpoint_dir, 1, model.state_dict(), None, {**meta, **meta_extra}, aux_states=aux)
     return checkpoint_dir
+
+
+@contextmanager
+def mc_base_dir(tmp_path_factory, name: str):
+    """A base dir holding the tiny MC checkpoint, set as $NANOCHAT_BASE_DIR (no W&B, no telemetry) while open."""
+    base = tmp_path_factory.mktemp(name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_BASE_DIR", str(base))
+        mp.delenv("RANK", raising=False)
+        mp.delenv("WANDB_RUN", raising=False)
+        mp.setenv("MC_TELEMETRY", "none")
+        make_tiny_mc_checkpoint(str(base))
+        yield str(base)

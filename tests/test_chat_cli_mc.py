@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from mc_chat_fixtures import MC_TAG, SEQ, make_tiny_mc_checkpoint
+from mc_chat_fixtures import MC_TAG, SEQ, mc_base_dir
 
 import scripts.chat_cli as chat_cli
 
@@ -15,14 +15,8 @@ CPU = ["--device-type", "cpu"]
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    base = tmp_path_factory.mktemp("chat_cli_mc")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_BASE_DIR", str(base))
-        mp.delenv("RANK", raising=False)
-        mp.delenv("WANDB_RUN", raising=False)
-        mp.setenv("MC_TELEMETRY", "none")
-        make_tiny_mc_checkpoint(str(base))
-        yield str(base)
+    with mc_base_dir(tmp_path_factory, "chat_cli_mc") as base:
+        yield base
 
 
 def read_events(path) -> list[dict]:

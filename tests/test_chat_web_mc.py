@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 from chat_fixtures import LoopbackServer
-from mc_chat_fixtures import MC_TAG, SEQ, make_tiny_mc_checkpoint
+from mc_chat_fixtures import MC_TAG, SEQ, mc_base_dir
 
 from megacontext.chat_setup import build_store, load_mc_checkpoint
 from nanochat.engine import Engine
@@ -27,14 +27,8 @@ TIMEOUT = httpx.Timeout(60.0)
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    base = tmp_path_factory.mktemp("chat_web_mc")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_BASE_DIR", str(base))
-        mp.delenv("RANK", raising=False)
-        mp.delenv("WANDB_RUN", raising=False)
-        mp.setenv("MC_TELEMETRY", "none")
-        make_tiny_mc_checkpoint(str(base))
-        yield str(base)
+    with mc_base_dir(tmp_path_factory, "chat_web_mc") as base:
+        yield base
 
 
 def mc_args(base_dir, **overrides) -> argparse.Namespace:
