@@ -73,12 +73,13 @@ else
   stage_once chat_eval python -m scripts.chat_eval -i sft --run="$RUN"
 fi
 
-python -m scripts.chat_cli -p "Why is the sky blue?"
+python -m scripts.chat_cli -p "Why is the sky blue?" ${MC_SUFFIX:+--mc --model-tag="$TAG"}
 if [ "${MC:-0}" = 1 ]; then  # --mc: measure MegaContext against the simple alternatives at the same budget
   if [ "$gpu" = cpu ]; then
-    stage_mc_eval "${TAG}_mc" --history=1,8,16 --max-docs=4 --recall-cases=4 --oracle-candidates=32
+    # 96 entries hold a 16-window history at the CPU profile's block size 8 and two gist levels
+    stage_mc_eval "$TAG" --history=1,4,16 --wc-budget=96 --max-docs=4 --recall-cases=4 --oracle-candidates=32
   else
-    stage_mc_eval "${TAG}_mc"
+    stage_mc_eval "$TAG"
   fi
 fi
 stage_report

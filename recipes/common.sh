@@ -142,8 +142,8 @@ run_multi_gpu_recipe() {
   stage_train "chat_sft$MC_SUFFIX" sft "$tag" "${torchrun[@]}" -m scripts.chat_sft -- --run="$run" --save-every=500 \
     "${mc_chat[@]+"${mc_chat[@]}"}"
   stage_once chat_eval "${torchrun[@]}" -m scripts.chat_eval -- -i sft --run="$run"
-  python -m scripts.chat_cli -p "Why is the sky blue?"
-  if [ "${MC:-0}" = 1 ]; then stage_mc_eval "${tag}_mc"; fi
+  python -m scripts.chat_cli -p "Why is the sky blue?" ${MC_SUFFIX:+--mc --model-tag="$tag"}
+  if [ "${MC:-0}" = 1 ]; then stage_mc_eval "$tag"; fi
   stage_report
 }
 

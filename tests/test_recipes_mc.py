@@ -59,3 +59,20 @@ def test_knobs_without_mc_are_refused():
     out = subprocess.run(["bash", "speedrun.sh", "--block_size", "8"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2 and "need --mc" in out.stderr
+
+
+def test_mc_recipe_stages_share_one_model_tag():
+    """Every stage of an --mc multi-GPU recipe (training, the chat sample, mc_eval) names the same `d<depth>_mc`
+    tag; the stage runners are replaced by functions that print what they would run."""
+    stubs = ('for f in require_gpus recipe_setup stage_data_download stage_tokenizer wait_for_data stage_report; do '
+             'eval "$f() { :; }"; done; '
+             'stage_train() { echo "train $3: ${*:4}"; }; stage_once() { echo "once $1: ${*:2}"; }; '
+             'python() { echo "run: $*"; }')
+    out = _bash(f'source recipes/common.sh; {stubs}; set -- --mc --block_size 8; '
+                'while [ $# -gt 0 ]; do take_mc_option "$@"; shift "$MC_TAKEN"; done; run_multi_gpu_recipe 20 240 32')
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("train")] == ["train d20_mc"] * 3
+    assert any(line.startswith("run: -m scripts.chat_cli") and "--mc --model-tag=d20_mc" in line for line in lines)
+    mc_eval = [line for line in lines if line.startswith("once mc_eval")]
+    assert len(mc_eval) == 1 and "--model-tag=d20_mc " in mc_eval[0] + " ", lines
