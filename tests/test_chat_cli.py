@@ -171,7 +171,7 @@ def test_cuda_on_a_cpu_machine_prints_only_the_message(base_dir):
 
 @pytest.mark.slow
 def test_command_as_documented(base_dir):
-    """`python -m scripts.chat_cli -p "..."` exactly as the runbook writes it."""
+    """`python -m scripts.chat_cli -p "..."` exactly as the README writes it."""
     result = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "-p", "Why is the sky blue?",
                              "--max-tokens", "8"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "NANOCHAT_BASE_DIR": base_dir})

@@ -1,5 +1,5 @@
 """chat_eval: task selection, categorical scoring from letter logits, generative checking, the report section,
-hub tasks through a loopback mirror, and the seeds' `python -m scripts.chat_eval -- -i sft` spelling."""
+hub tasks through a loopback mirror, and the README's `python -m scripts.chat_eval -- -i sft` spelling."""
 
 import dataclasses
 import functools
@@ -204,7 +204,7 @@ def test_humaneval_results_go_to_the_report_and_wandb(env, monkeypatch, capsys):
 
 
 def test_module_command_line_with_separator(env):
-    """The seeds' exact spelling, through `python -m` (argv comes from sys.argv, '--' included)."""
+    """The README's exact spelling, through `python -m` (argv comes from sys.argv, '--' included)."""
     result = subprocess.run([sys.executable, "-m", "scripts.chat_eval", "--", "-i", "sft", "-a", "MultipleChoice",
                              *FAST], capture_output=True, text=True, timeout=120,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
