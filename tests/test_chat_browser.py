@@ -51,11 +51,24 @@ def chromium():
     return CHROMIUM
 
 
+def paced(generate, seconds_per_token: float = 0.004):
+    """The tiny model streams a 2000-token reply in a second or two, which a loaded machine's browser can miss
+    entirely; a human-like pace keeps "the reply is still streaming" observable (Stop step) without slowing the
+    short replies much."""
+    def slow_generate(*args, **kwargs):
+        for step in generate(*args, **kwargs):
+            time.sleep(seconds_per_token)
+            yield step
+    return slow_generate
+
+
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
     make_tiny_checkpoint(str(tmp_path / "base"))
     pool, name = load_pool("sft", "cpu")
+    for worker in pool.workers:
+        worker.engine.generate = paced(worker.engine.generate)
     with LoopbackServer(create_app(pool, SamplingDefaults(max_tokens=REPLY_TOKENS), model_name=name)) as running:
         running.pool = pool
         yield running
