@@ -44,9 +44,8 @@ from megacontext.variants import (
     shared_tail_mask,
     target_wc_length,
     wc_length_fraction,
-    wc_targets,
 )
-from megacontext.wc_inputs import build_wc_batch, stack_targets
+from megacontext.wc_inputs import build_wc_batch, next_token_targets, stack_targets
 
 TRAINER_KEY = "mc_trainer"  # aux-state entry with the LensNet EMAs (resume)
 ADAM_BETAS = (0.8, 0.95)
@@ -188,7 +187,7 @@ class MCController:
             batch = build_wc_batch(wcs, wc_trees, self.nets, self.model.embed, c.mc_positional,
                                    self.model.config.head_dim, self.device)
             W = batch.embeds.shape[1]
-            targets = stack_targets([wc_targets(wc, y_np[i // (n + 1)]) for i, wc in enumerate(wcs)], W, self.device)
+            targets = stack_targets([next_token_targets(wc, y_np[i // (n + 1)]) for i, wc in enumerate(wcs)], W, self.device)
             tail = torch.from_numpy(shared_tail_mask([len(wc) for wc in wcs], W, self.tail)).to(self.device)
         gpt_time = time.perf_counter()
         per_token = self.model(inputs_embeds=batch.embeds, rotary=batch.rotary, targets=targets,

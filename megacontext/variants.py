@@ -78,18 +78,6 @@ def sample_row_variants(row_tokens: np.ndarray, n: int, target: int, block_size:
     return RowVariants(wcs, levels, truncation_wc(T, target, block_size))
 
 
-def wc_targets(wc: WorkingContext, y_row: np.ndarray) -> np.ndarray:
-    """Int64[W] next-token targets of one WC from the row's targets y (y[p] = the token after position p, or -1
-    where it is not supervised): a raw entry followed by a raw entry (or the last entry) gets y at its position;
-    everything else -1. With y = the row shifted by one this is `wc_inputs.next_token_targets`."""
-    raw = wc.levels == 0
-    ok = raw.copy()
-    ok[:-1] &= raw[1:]
-    out = np.full(len(wc), -1, dtype=np.int64)
-    out[ok] = y_row[wc.indices[ok]]
-    return out
-
-
 def shared_tail_mask(lengths: list[int], width: int, tail: int) -> np.ndarray:
     """Bool[N, width]: the last `tail` entries of each right-padded row (the raw tokens every variant shares)."""
     out = np.zeros((len(lengths), width), dtype=bool)

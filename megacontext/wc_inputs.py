@@ -9,8 +9,8 @@ document) all present WCs to the GPT the same way:
   right padding never leaks into real outputs; `mask` marks the real entries for losses and LensNet.
 
 Next-token targets exist only where the model's next input is the very next token: a raw entry followed by a raw
-entry (or, for the last entry, by the token that follows the history when it is known). A raw entry followed by
-a gist has no target: the model's next input there is a summary, not a token.
+entry (or the last entry, when the token after the history is known). A raw entry followed by a gist has no
+target: the model's next input there is a summary, not a token.
 """
 
 from dataclasses import dataclass
@@ -57,22 +57,15 @@ def build_wc_batch(wcs: list[WorkingContext], trees: list[MegaContextTree], nets
     return WCBatch(embeds, levels, indices, mask, rotary)
 
 
-def next_token_targets(wc: WorkingContext, tree: MegaContextTree, next_token: int | None = None) -> np.ndarray:
-    """Int64[W] targets for one WC: the token after each raw entry whose successor is that token, else -1.
-
-    `next_token` is the token that follows the whole history (known in training and evaluation); without it
-    the last entry has no target.
-    """
-    W = len(wc)
-    targets = np.full(W, -1, dtype=np.int64)
+def next_token_targets(wc: WorkingContext, y_row: np.ndarray) -> np.ndarray:
+    """Int64[W] targets of one WC from the history's targets `y_row` (y_row[p] = the token after position p, or -1
+    where it is unknown or not supervised, e.g. a user turn in chat training): a raw entry followed by a raw entry
+    (or the last entry) gets y_row at its position; every other entry -1."""
     raw = wc.levels == 0
-    followed_by_raw = np.zeros(W, dtype=bool)
-    followed_by_raw[:-1] = raw[:-1] & raw[1:]
-    where = np.flatnonzero(followed_by_raw)
-    if where.size:
-        targets[where] = tree.store.gather_tokens(wc.indices[where + 1]).cpu().numpy()
-    if next_token is not None and W and raw[-1]:
-        targets[-1] = next_token
+    ok = raw.copy()
+    ok[:-1] &= raw[1:]
+    targets = np.full(len(wc), -1, dtype=np.int64)
+    targets[ok] = y_row[wc.indices[ok]]
     return targets
 
 

@@ -11,7 +11,7 @@ from megacontext.controller import MCController, VanillaObjective, config_for_ch
 from megacontext.lens_training import LensObjective, hard_negative_pairs, policy_kl_to_neutral
 from megacontext.lensnet import preference_correlation
 from megacontext.mc_metrics import StepMetrics
-from megacontext.variants import START_FRACTION, wc_length_fraction, wc_targets
+from megacontext.variants import START_FRACTION, wc_length_fraction
 from megacontext.wc_inputs import next_token_targets
 from nanochat.gpt import GPT, GPTConfig
 
@@ -96,7 +96,7 @@ def test_mc_lens_loss_weight_scales_the_lens_term():
 
 def test_mc_lens_temperature_changes_the_fit():
     x, y = _batch()
-    losses = [float(_controller(mc_lens_temperature=t).variant_losses(x, y, 0, True)["lens_loss"])
+    losses = [float(_controller(mc_lens_temperature=t).variant_losses(x, y, 0, True)["lens_loss"].detach())
               for t in (0.01, 1.0)]
     assert losses[0] != pytest.approx(losses[1], rel=1e-3)
 
@@ -235,8 +235,13 @@ def test_variant_targets_follow_y_so_chat_masks_apply():
     n = ctrl.variants_per_row + 1
     for i, wc in enumerate(out["wcs"]):
         b = i // n
-        expected = next_token_targets(wc, trees[b], int(nxt[b, 0]))
-        assert (wc_targets(wc, y[b].numpy()) == expected).all()
+        # independent of y: the tree's own next token after each raw entry followed by a raw entry
+        raw = wc.levels == 0
+        expected = np.full(len(wc), -1)
+        for j in np.flatnonzero(raw[:-1] & raw[1:]):
+            expected[j] = int(trees[b].store.gather_tokens(wc.indices[j + 1 : j + 2])[0])
+        expected[-1] = int(nxt[b, 0])
+        assert (next_token_targets(wc, y[b].numpy()) == expected).all()
     masked = y.clone()
     masked[0, :] = -1  # row 0 supervises nothing (e.g. a user turn in SFT): no tail labels from it
     out = ctrl.variant_losses(x, masked, 0, True)

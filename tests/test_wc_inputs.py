@@ -43,23 +43,25 @@ def test_padded_rows_do_not_change_real_outputs_and_gists_get_gradient():
     both = model(inputs_embeds=batch.embeds, rotary=batch.rotary)[1, :n]
     torch.testing.assert_close(both, model(inputs_embeds=alone.embeds, rotary=alone.rotary)[0], rtol=1e-5,
                                atol=1e-5)
-    targets = stack_targets([next_token_targets(w, tree, int(ids[0, -1])) for w in wcs], batch.embeds.shape[1],
-                            "cpu")
+    y_row = ids[0, 1:].numpy()  # the token after each of the T - 1 history positions
+    targets = stack_targets([next_token_targets(w, y_row) for w in wcs], batch.embeds.shape[1], "cpu")
     model(inputs_embeds=batch.embeds, rotary=batch.rotary, targets=targets).backward()
     assert nets.gistnet.pos_emb.grad.abs().sum() > 0
 
 
 def test_targets_exist_only_where_the_next_input_is_the_next_token():
-    _, _, ids, tree = _setup()
+    _, _, ids, _ = _setup()
     wc = coarsest_wc(T - 1, K, 2, recent_tokens=8)
-    targets = next_token_targets(wc, tree, next_token=7)
+    y_row = np.append(ids[0, 1 : T - 1].numpy(), 7)  # the token after the history is 7
+    targets = next_token_targets(wc, y_row)
     for j in range(len(wc) - 1):
         if wc.levels[j] == 0 and wc.levels[j + 1] == 0:
             assert targets[j] == ids[0, wc.indices[j] + 1]
         else:
             assert targets[j] == -1
     assert targets[-1] == 7 and wc.levels[-1] == 0
-    assert next_token_targets(wc, tree)[-1] == -1
+    y_row[-1] = -1  # the token after the history unknown: the last entry has no target
+    assert next_token_targets(wc, y_row)[-1] == -1
 
 
 def test_checkpoint_parts_round_trip_and_mc_tag():
