@@ -34,18 +34,16 @@ def add_mc_chat_args(parser: argparse.ArgumentParser) -> None:
 
 
 def load_mc_checkpoint(source: str, device: torch.device, model_tag: str | None, step: int | None):
-    """(model, tokenizer, meta, nets) of a checkpoint saved with MC nets; a clear error when it has none."""
-    from nanochat.checkpoint_manager import build_model, load_checkpoint, resolve_checkpoint
-    from nanochat.tokenizer import get_tokenizer
+    """(model, tokenizer, meta, nets, checkpoint_dir, step) of a checkpoint saved with MC nets; a clear error when
+    it has none."""
+    from nanochat.checkpoint_manager import load_model_and_aux
 
-    checkpoint_dir, step = resolve_checkpoint(source, model_tag, step)
-    model_state, _, meta, aux = load_checkpoint(checkpoint_dir, step, device)
-    model = build_model(model_state, meta, device, "eval")
+    model, tokenizer, meta, aux, checkpoint_dir, step = load_model_and_aux(source, device, "eval", model_tag, step)
     try:
         nets = load_mc_nets(meta, aux, model)
     except ValueError as e:
         raise ValueError(f"{checkpoint_dir}: {e} (MC checkpoints are saved under tags like d12_mc: pass -g)") from None
-    return model, get_tokenizer(), meta, nets.eval(), checkpoint_dir, step
+    return model, tokenizer, meta, nets.eval(), checkpoint_dir, step
 
 
 def apply_inference_overrides(nets, args, sequence_len: int) -> None:

@@ -200,14 +200,22 @@ def build_model(model_state: dict, meta: dict, device, phase: str):
 
 def load_model(source: str, device, phase: str = "eval", model_tag: str | None = None, step: int | None = None):
     """(model, tokenizer, meta) of a trained checkpoint: "base" | "mid" | "sft"; latest tag and step by default."""
+    model, tokenizer, meta, *_ = load_model_and_aux(source, device, phase, model_tag, step)
+    return model, tokenizer, meta
+
+
+def load_model_and_aux(source: str, device, phase: str = "eval", model_tag: str | None = None,
+                       step: int | None = None):
+    """`load_model`, plus what else the checkpoint holds and where it came from:
+    (model, tokenizer, meta, aux_states, checkpoint_dir, step). aux_states carries e.g. MegaContext's nets."""
     from nanochat.tokenizer import get_tokenizer
 
     checkpoint_dir, step = resolve_checkpoint(source, model_tag, step)
-    model_state, _, meta, _ = load_checkpoint(checkpoint_dir, step, device)
+    model_state, _, meta, aux_states = load_checkpoint(checkpoint_dir, step, device)
     model = build_model(model_state, meta, device, phase)
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the checkpoint in "
                          f"{checkpoint_dir} was trained with vocab_size={model.config.vocab_size}; the tokenizer "
                          "was retrained after this model: retrain the model or restore that tokenizer")
-    return model, tokenizer, meta
+    return model, tokenizer, meta, aux_states, checkpoint_dir, step

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from megacontext.config import MCConfig
+from megacontext.eval_speed import tree_bytes
 from megacontext.nets import MCNets
 from megacontext.session import MCSession
 from megacontext.tree import open_tree_store
@@ -111,20 +112,13 @@ def measure_mc(args, model, nets, device, history: int) -> dict:
         sync(device)
         decode_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
         recs = session.refocuses[refocus_before:]
-        state = _tree_bytes(session) + session.cache.k.numel() * session.cache.k.element_size() * 2
+        state = tree_bytes(session.tree) + session.cache.k.numel() * session.cache.k.element_size() * 2
         out = {"ingest_s": ingest_s, "tok_s": args.decode_tokens / decode_s, "cpu_tok_s": args.decode_tokens / cpu_s,
                "wc_length": len(session.wc),
                "refocuses": len(recs), "recomputed_mean": statistics.mean(r.recomputed or 0 for r in recs) if recs
                else 0.0, "state_mb": state / 2**20, "history": session.num_tokens}
         session.close()
     return out
-
-
-def _tree_bytes(session) -> int:
-    store, total = session.tree.store, session.num_tokens * 8
-    for level in range(1, store.max_level + 1):
-        total += store.num_nodes(level) * store.dim * 4
-    return total
 
 
 def measure_vanilla(args, model, device, history: int) -> dict:

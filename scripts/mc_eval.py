@@ -41,7 +41,7 @@ from megacontext.eval_report import (
 )
 from megacontext.eval_speed import decode_cost
 from megacontext.nets import MCNets, has_mc_nets, load_mc_nets
-from nanochat.checkpoint_manager import build_model, checkpoints_dir, load_checkpoint, resolve_checkpoint
+from nanochat.checkpoint_manager import checkpoints_dir, load_model_and_aux
 from nanochat.common import (
     add_flag,
     autocast_context,
@@ -128,9 +128,7 @@ def default_mc_tag(source: str) -> str | None:
 
 def load(args, device):
     tag = args.model_tag or (None if args.fresh_mc_nets else default_mc_tag(args.source))
-    checkpoint_dir, step = resolve_checkpoint(args.source, tag, args.step)
-    state, _, meta, aux = load_checkpoint(checkpoint_dir, step, device)
-    model = build_model(state, meta, device, "eval")
+    model, _, meta, aux, checkpoint_dir, step = load_model_and_aux(args.source, device, "eval", tag, args.step)
     if args.fresh_mc_nets:
         torch.manual_seed(args.seed)
         cfg = MCConfig(mc=True, block_size=args.block_size, mc_max_lod=args.mc_max_lod, gistnet_type=args.gistnet_type)
