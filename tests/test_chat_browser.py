@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+from browser_fixtures import ARTIFACTS, chromium_page, require_chromium
 from chat_fixtures import LoopbackServer, make_tiny_checkpoint
 
 from nanochat.web.app import create_app
@@ -19,11 +20,6 @@ from nanochat.web.generation import Reply, SamplingParams, prompt_ids
 from nanochat.web.limits import SamplingDefaults
 from nanochat.web.pool import load_pool
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARTIFACTS = os.path.join(REPO_ROOT, "test-artifacts")
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 REPLY_TOKENS = 40
 TIMEOUT_MS = 30_000
 
@@ -43,12 +39,7 @@ WATCH_REPLY = """() => {
 
 @pytest.fixture
 def chromium():
-    if os.environ.get("MC_SKIP_BROWSER") == "1":
-        pytest.skip("MC_SKIP_BROWSER=1: browser test skipped on purpose")
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: run `apt-get install chromium` (Debian's browser; Playwright's "
-                    "download is not used), or set MC_SKIP_BROWSER=1 to skip this test on purpose")
-    return CHROMIUM
+    return require_chromium()
 
 
 def paced(generate, seconds_per_token: float = 0.004):
@@ -98,68 +89,57 @@ def rewrite_body(**changes):
 
 
 def test_chat_page_streams_replies_in_chromium(chromium, server, tmp_path):
-    from playwright.sync_api import sync_playwright
+    with chromium_page(chromium, tmp_path / "chromium-profile", TIMEOUT_MS) as page:
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('sft/d1')")
+        page.evaluate(WATCH_REPLY)
 
-    os.makedirs(ARTIFACTS, exist_ok=True)
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=chromium, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1000, "height": 700})
-        try:
-            page = context.new_page()
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(server.url + "/")
-            page.wait_for_function("document.getElementById('model').textContent.includes('sft/d1')")
-            page.evaluate(WATCH_REPLY)
+        # 1. type, send with the button, watch the reply stream in
+        page.fill("#prompt", "Hello from the browser!")
+        page.click("#send")
+        page.wait_for_selector(".msg.assistant[data-state='done']")
+        first = page.inner_text(".msg.assistant")
+        assert page.inner_text(".msg.user") == "Hello from the browser!"
+        history = [{"role": "user", "content": "Hello from the browser!"}]
+        assert first == expected_reply(server.pool, history, shown_seed(page))
+        growth = page.evaluate("window.replyTexts")
+        assert len(growth) >= 10 and growth == sorted(growth), growth  # shown piece by piece as events came
+        assert growth[-1] == len(first)
+        page.evaluate("window.replyWatcher.disconnect()")
+        assert f"{REPLY_TOKENS} tokens in" in page.inner_text("#status")
 
-            # 1. type, send with the button, watch the reply stream in
-            page.fill("#prompt", "Hello from the browser!")
-            page.click("#send")
-            page.wait_for_selector(".msg.assistant[data-state='done']")
-            first = page.inner_text(".msg.assistant")
-            assert page.inner_text(".msg.user") == "Hello from the browser!"
-            history = [{"role": "user", "content": "Hello from the browser!"}]
-            assert first == expected_reply(server.pool, history, shown_seed(page))
-            growth = page.evaluate("window.replyTexts")
-            assert len(growth) >= 10 and growth == sorted(growth), growth  # shown piece by piece as events came
-            assert growth[-1] == len(first)
-            page.evaluate("window.replyWatcher.disconnect()")
-            assert f"{REPLY_TOKENS} tokens in" in page.inner_text("#status")
+        # 2. a follow-up with Enter: the page sends the whole conversation
+        page.fill("#prompt", "Tell me more.")
+        page.press("#prompt", "Enter")
+        page.wait_for_function("document.querySelectorAll(\".msg.assistant[data-state='done']\").length === 2")
+        second = page.locator(".msg.assistant").nth(1).inner_text()
+        history += [{"role": "assistant", "content": first}, {"role": "user", "content": "Tell me more."}]
+        assert second == expected_reply(server.pool, history, shown_seed(page))
+        page.screenshot(path=os.path.join(ARTIFACTS, "chat_browser.png"), full_page=True)
 
-            # 2. a follow-up with Enter: the page sends the whole conversation
-            page.fill("#prompt", "Tell me more.")
-            page.press("#prompt", "Enter")
-            page.wait_for_function("document.querySelectorAll(\".msg.assistant[data-state='done']\").length === 2")
-            second = page.locator(".msg.assistant").nth(1).inner_text()
-            history += [{"role": "assistant", "content": first}, {"role": "user", "content": "Tell me more."}]
-            assert second == expected_reply(server.pool, history, shown_seed(page))
-            page.screenshot(path=os.path.join(ARTIFACTS, "chat_browser.png"), full_page=True)
+        # 3. New Conversation clears the page (and the history it sends)
+        page.click("#new-chat")
+        assert page.locator(".msg").count() == 0 and page.is_visible("#empty")
 
-            # 3. New Conversation clears the page (and the history it sends)
-            page.click("#new-chat")
-            assert page.locator(".msg").count() == 0 and page.is_visible("#empty")
+        # 4. a server-side 400 shows its message and gives the text back for editing
+        page.route("**/chat/completions", rewrite_body(temperature=9))
+        page.fill("#prompt", "too hot")
+        page.click("#send")
+        page.wait_for_selector(".msg.error")
+        assert "temperature=9 is out of range" in page.inner_text(".msg.error")
+        assert page.input_value("#prompt") == "too hot"
+        page.unroute("**/chat/completions")
 
-            # 4. a server-side 400 shows its message and gives the text back for editing
-            page.route("**/chat/completions", rewrite_body(temperature=9))
-            page.fill("#prompt", "too hot")
-            page.click("#send")
-            page.wait_for_selector(".msg.error")
-            assert "temperature=9 is out of range" in page.inner_text(".msg.error")
-            assert page.input_value("#prompt") == "too hot"
-            page.unroute("**/chat/completions")
-
-            # 5. Stop ends a long reply early; the server frees its worker
-            page.click("#new-chat")
-            page.route("**/chat/completions", rewrite_body(max_tokens=4096))
-            page.fill("#prompt", "Write a very long answer.")
-            page.click("#send")
-            page.wait_for_function("document.querySelector('.msg.assistant').textContent.length > 20")
-            assert page.inner_text("#send") == "Stop"  # part of the reply is on screen while it is still generating
-            page.click("#send", force=True)  # at once: waiting for the busy page to look "stable" can outlast the reply
-            page.wait_for_selector(".msg.assistant[data-state='done']")
-            assert page.inner_text("#status") == "stopped" and page.inner_text("#send") == "Send"
-        finally:
-            context.close()
+        # 5. Stop ends a long reply early; the server frees its worker
+        page.click("#new-chat")
+        page.route("**/chat/completions", rewrite_body(max_tokens=4096))
+        page.fill("#prompt", "Write a very long answer.")
+        page.click("#send")
+        page.wait_for_function("document.querySelector('.msg.assistant').textContent.length > 20")
+        assert page.inner_text("#send") == "Stop"  # part of the reply is on screen while it is still generating
+        page.click("#send", force=True)  # at once: waiting for the busy page to look "stable" can outlast the reply
+        page.wait_for_selector(".msg.assistant[data-state='done']")
+        assert page.inner_text("#status") == "stopped" and page.inner_text("#send") == "Send"
 
     deadline = time.monotonic() + 15
     while (stats := httpx.get(server.url + "/stats", timeout=10).json())["busy"] and time.monotonic() < deadline:

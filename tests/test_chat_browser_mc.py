@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from browser_fixtures import ARTIFACTS, chromium_page, require_chromium
 from chat_fixtures import LoopbackServer
 from mc_chat_fixtures import MC_TAG, SEQ, make_tiny_mc_checkpoint
 
@@ -17,11 +18,6 @@ from nanochat.web.app import create_app
 from nanochat.web.limits import SamplingDefaults
 from nanochat.web.pool import WorkerPool
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARTIFACTS = os.path.join(REPO_ROOT, "test-artifacts")
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 60_000
 
 # Every distinct focus drawn, in order (the bar's data-signature changes once per new focus).
@@ -35,11 +31,7 @@ WATCH_FOCUS = """() => {
 
 @pytest.fixture
 def chromium():
-    if os.environ.get("MC_SKIP_BROWSER") == "1":
-        pytest.skip("MC_SKIP_BROWSER=1: browser test skipped on purpose")
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: run `apt-get install chromium`, or set MC_SKIP_BROWSER=1")
-    return CHROMIUM
+    return require_chromium()
 
 
 @pytest.fixture
@@ -59,39 +51,28 @@ def server(tmp_path, monkeypatch):
 
 
 def test_focus_view_follows_the_refocuses(chromium, server, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    os.makedirs(ARTIFACTS, exist_ok=True)
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=chromium, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1000, "height": 700})
-        try:
-            page = context.new_page()
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(server.url + "/")
-            page.wait_for_selector("#focus", state="visible")  # the server runs MegaContext: the view is shown
-            page.evaluate(WATCH_FOCUS)
-            page.fill("#prompt", "Tell me a long story about the quick brown fox.")
-            page.click("#send")
-            page.wait_for_selector(".msg.assistant[data-state='done']")
-            page.wait_for_function("document.getElementById('focus-summary').textContent.includes('refocuses')")
-            first = page.get_attribute("#focus-bar", "data-signature")
-            page.fill("#prompt", "And then what happened?")
-            page.press("#prompt", "Enter")
-            page.wait_for_function("document.querySelectorAll(\".msg.assistant[data-state='done']\").length === 2")
-            page.wait_for_timeout(500)  # the last poll after the reply
-            seen = page.evaluate("window.focusSeen")
-            summary = page.inner_text("#focus-summary")
-            tokens = int(summary.split("focus: ")[1].split(" tokens")[0])
-            assert tokens > 2 * SEQ, summary  # the history outgrew the model's window
-            # redrawn as the focus moved (how many redraws the 300 ms poll catches depends on the machine's load)
-            assert len(set(seen)) >= 2, seen
-            assert page.get_attribute("#focus-bar", "data-signature") != first
-            levels = page.eval_on_selector_all("#focus-bar span", "els => els.map(e => Number(e.dataset.level))")
-            assert levels[-1] == 0 and max(levels) >= 1  # a raw tail after gists
-            page.screenshot(path=os.path.join(ARTIFACTS, "chat_browser_mc.png"), full_page=True)
-            page.click("#new-chat")
-            assert page.get_attribute("#focus-bar", "data-signature") == ""
-        finally:
-            context.close()
+    with chromium_page(chromium, tmp_path / "chromium-profile", TIMEOUT_MS) as page:
+        page.goto(server.url + "/")
+        page.wait_for_selector("#focus", state="visible")  # the server runs MegaContext: the view is shown
+        page.evaluate(WATCH_FOCUS)
+        page.fill("#prompt", "Tell me a long story about the quick brown fox.")
+        page.click("#send")
+        page.wait_for_selector(".msg.assistant[data-state='done']")
+        page.wait_for_function("document.getElementById('focus-summary').textContent.includes('refocuses')")
+        first = page.get_attribute("#focus-bar", "data-signature")
+        page.fill("#prompt", "And then what happened?")
+        page.press("#prompt", "Enter")
+        page.wait_for_function("document.querySelectorAll(\".msg.assistant[data-state='done']\").length === 2")
+        page.wait_for_timeout(500)  # the last poll after the reply
+        seen = page.evaluate("window.focusSeen")
+        summary = page.inner_text("#focus-summary")
+        tokens = int(summary.split("focus: ")[1].split(" tokens")[0])
+        assert tokens > 2 * SEQ, summary  # the history outgrew the model's window
+        # redrawn as the focus moved (how many redraws the 300 ms poll catches depends on the machine's load)
+        assert len(set(seen)) >= 2, seen
+        assert page.get_attribute("#focus-bar", "data-signature") != first
+        levels = page.eval_on_selector_all("#focus-bar span", "els => els.map(e => Number(e.dataset.level))")
+        assert levels[-1] == 0 and max(levels) >= 1  # a raw tail after gists
+        page.screenshot(path=os.path.join(ARTIFACTS, "chat_browser_mc.png"), full_page=True)
+        page.click("#new-chat")
+        assert page.get_attribute("#focus-bar", "data-signature") == ""
