@@ -1,6 +1,6 @@
 """The chat page in a real browser: Debian's chromium driven by Playwright against the server on loopback.
 
-Needs `apt-get install chromium` (/usr/bin/chromium; CI installs it). Without it the test FAILS, because a skip
+Needs `apt-get install chromium` (/usr/bin/chromium; `bash mc_setup --dev` installs it). Without it the test FAILS, because a skip
 would hide a broken browser path; set MC_SKIP_BROWSER=1 to skip it on purpose. Playwright's own browser download
 is never used. A screenshot is kept at test-artifacts/chat_browser.png.
 """
