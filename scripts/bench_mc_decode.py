@@ -10,7 +10,7 @@ CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak RSS. "state MB" i
 the tree (tokens + gists) plus the KV cache.
 
     python -m scripts.bench_mc_decode                                   # CPU, small model
-    python -m scripts.bench_mc_decode --device cuda --depth 12 --seq_len 2048 --decode_tokens 512
+    python -m scripts.bench_mc_decode --device-type cuda --depth 12 --seq_len 2048 --decode_tokens 512
 
 Prints one table and the two ratios the design promises: decode tok/s at 64x over 1x (>= 0.9) and peak
 memory at 64x over 1x (< 1.10).
@@ -33,14 +33,14 @@ from megacontext.eval_speed import tree_bytes
 from megacontext.nets import MCNets
 from megacontext.session import MCSession
 from megacontext.tree import open_tree_store
-from nanochat.common import add_flag, autocast_context, resolve_device_type
+from nanochat.common import add_flag, autocast_context, device_type_flag
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_flag(p, "--device_type", "--device", default="", help="cuda|cpu|mps (empty: autodetect)")
+    add_flag(p, "--device-type", type=device_type_flag, default="", help="cuda | cpu | mps (default: autodetect)")
     add_flag(p, "--depth", type=int, default=4, help="base model depth (width 64 * depth)")
     add_flag(p, "--seq_len", type=int, default=512, help="the model's window, max_seq_len")
     add_flag(p, "--vocab_size", type=int, default=8192)
@@ -153,7 +153,7 @@ class _NoTools:
 
 def run_one(args) -> None:
     torch.set_num_threads(args.threads)
-    device = torch.device(resolve_device_type(args.device_type))
+    device = torch.device(args.device_type)
     kind, mult = args.one.split(":")
     model, nets = build(args, device)
     if device.type == "cuda":
@@ -192,7 +192,7 @@ def main(argv=None) -> None:
 
 
 def report(args, results) -> None:
-    device = resolve_device_type(args.device_type)
+    device = args.device_type
     print(f"\ndevice={device} depth={args.depth} seq_len={args.seq_len} K={args.block_size} "
           f"max_lod={args.mc_max_lod} tree={args.mc_tree} decode_tokens={args.decode_tokens} reps={args.reps}")
     print(f"{'run':>8} {'history':>8} {'tok/s':>8} {'cpu tok/s':>9} {'peak MB':>9} {'state MB':>9} {'ingest s':>9} "

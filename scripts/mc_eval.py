@@ -47,9 +47,9 @@ from nanochat.common import (
     autocast_context,
     compute_cleanup,
     compute_init,
+    device_type_flag,
     get_base_dir,
     print0,
-    resolve_device_type,
     strip_separator,
 )
 from nanochat.report import get_report
@@ -76,10 +76,10 @@ def parse_histories(spec: str, window: int) -> list[int]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.mc_eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("-i", "--source", default="base", choices=("base", "mid", "sft"), help="which stage to load")
+    add_flag(p, "--source", "-i", default="base", choices=("base", "mid", "sft"), help="which stage to load")
     add_flag(p, "--model-tag", default=None, help="model tag (default: the deepest *_mc tag, else the deepest)")
     add_flag(p, "--step", type=int, default=None, help="checkpoint step (default: last)")
-    add_flag(p, "--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
+    add_flag(p, "--device-type", type=device_type_flag, default="", help="cuda | cpu | mps (default: autodetect)")
     add_flag(p, "--text-files", nargs="+", default=None, help="UTF-8 text files to evaluate on (default: val split)")
     add_flag(p, "--include-val", action="store_true", help="with --text-files: evaluate the val split too")
     add_flag(p, "--history", default="1,8,16,64", help="history lengths: window multiples or tokens ('4096t')")
@@ -200,7 +200,7 @@ def training_comparison(args, meta, model) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    dist_info = compute_init(resolve_device_type(args.device_type), seed=args.seed)
+    dist_info = compute_init(args.device_type, seed=args.seed)
     device = dist_info.device
     model, nets, meta, where = load(args, device)
     tokenizer = get_tokenizer()

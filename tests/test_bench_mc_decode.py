@@ -7,7 +7,7 @@ import pytest
 
 from scripts.bench_mc_decode import main
 
-TINY = ["--device", "cpu", "--depth", "1", "--seq_len", "64", "--block_size", "4", "--decode_tokens", "16",
+TINY = ["--device-type", "cpu", "--depth", "1", "--seq_len", "64", "--block_size", "4", "--decode_tokens", "16",
         "--vocab_size", "512", "--mc_max_lod", "3"]
 
 
