@@ -14,7 +14,9 @@ Per micro-batch (each row of x is one sequence of max_seq_len tokens, y the next
 1. builds every row's gist tree at once, with gradient, one GistNet call per level;
 2. samples `min(--mc_num_random_variants, --mc_max_counterfactuals)` random cuts per row plus a truncation
    baseline, at a target length annealed from 80 % of the sequence to `--mc_train_wc_length` (see variants.py);
-3. runs the GPT on all of them in one right-padded batch with per-row rotary positions (`--mc_positional`);
+3. runs the GPT on the random variants in one right-padded batch with per-row rotary positions
+   (`--mc_positional`), and on the baselines in a second forward without autograd (they are labels and a
+   yardstick, never trained on; only their tail reaches the vocabulary projection);
 4. trains on next-token targets of raw entries; compares variants of a row on the shared raw tail (same target
    tokens), and fits LensNet to those measured losses (lens_training.py);
 5. refocuses one sampled WC with the allocator on LensNet's scores to report swap rate and residency.
@@ -180,34 +182,46 @@ class MCController:
         rows = [sample_row_variants(x_np[b], self.variants_per_row, target, K, L, self.tail, step, self.seed)
                 for b in range(B)]
         n = self.variants_per_row
-        wcs = [wc for r in rows for wc in (*r.random, r.baseline)]  # row b: n random, then its baseline
-        wc_trees = [trees[b] for b in range(B) for _ in range(n + 1)]
-        is_random = np.tile(np.r_[np.ones(n, bool), False], B)
+        randoms = [wc for r in rows for wc in r.random]  # row b: its n random variants
         with self.telemetry.span("positional", into=timings):
-            batch = build_wc_batch(wcs, wc_trees, self.nets, self.model.embed, c.mc_positional,
-                                   self.model.config.head_dim, self.device)
+            batch = build_wc_batch(randoms, [trees[b] for b in range(B) for _ in range(n)], self.nets,
+                                   self.model.embed, c.mc_positional, self.model.config.head_dim, self.device)
             W = batch.embeds.shape[1]
-            targets = stack_targets([next_token_targets(wc, y_np[i // (n + 1)]) for i, wc in enumerate(wcs)], W, self.device)
-            tail = torch.from_numpy(shared_tail_mask([len(wc) for wc in wcs], W, self.tail)).to(self.device)
+            targets = stack_targets([next_token_targets(wc, y_np[i // n]) for i, wc in enumerate(randoms)], W,
+                                    self.device)
+            tail = torch.from_numpy(shared_tail_mask([len(wc) for wc in randoms], W, self.tail)).to(self.device)
         gpt_time = time.perf_counter()
         per_token = self.model(inputs_embeds=batch.embeds, rotary=batch.rotary, targets=targets,
-                               loss_reduction="none").float()  # (N, W)
+                               loss_reduction="none").float()  # (B*n, W)
         gpt_time = time.perf_counter() - gpt_time
         valid = targets >= 0
-        rand_t = torch.from_numpy(is_random).to(self.device)
-        train_mask = valid & rand_t[:, None]
-        variant_loss = (per_token * train_mask).sum() / train_mask.sum().clamp(min=1)
-        tail = tail & valid  # chat data: unsupervised tail tokens do not count
-        tail_loss = (per_token.detach() * tail).sum(1) / tail.sum(1).clamp(min=1)  # (N,)
-        tail_loss = torch.where(tail.any(1), tail_loss, torch.full_like(tail_loss, float("nan")))  # NaN: no target
+        variant_loss = (per_token * valid).sum() / valid.sum().clamp(min=1)
+        var_tail = _masked_mean(per_token.detach(), tail & valid)  # (B*n,) chat data: unsupervised tokens don't count
+        t0 = time.perf_counter()
+        trunc_tail = self._baseline_tail_losses([r.baseline for r in rows], trees, y_np)  # (B,)
+        gpt_time += time.perf_counter() - t0
+        tail_loss = torch.cat([var_tail.view(B, n), trunc_tail[:, None]], 1).flatten()  # row b: n random, baseline
         with self.telemetry.span("lens", into=timings):
-            lens_out = self._lens_terms(batch, wcs, is_random, tail_loss, B, n, step)
+            lens_out = self._lens_terms(batch, randoms, var_tail, B, n, step)
         ctrl_ms = (time.perf_counter() - t_start - gpt_time) * 1000.0
-        self._record(variant_loss, tail_loss, is_random, rows, lens_out, target, len(wcs), ctrl_ms)
+        self._record(variant_loss, tail_loss, rows, lens_out, target, B * (n + 1), ctrl_ms)
         self.telemetry.emit("mc_timing", {**timings, "step": step, "total_ms": ctrl_ms})
         return {"variant_loss": variant_loss, "lens_loss": lens_out["lens_loss"],
                 "regularisers": lens_out["kl"] + lens_out["budget"], "tail_loss": tail_loss, "target": target,
-                "wcs": wcs}
+                "wcs": [wc for r in rows for wc in (*r.random, r.baseline)]}
+
+    @torch.no_grad()
+    def _baseline_tail_losses(self, baselines, trees, y_np) -> torch.Tensor:
+        """Float[B] loss of each row's truncation baseline on the shared tail (NaN: no supervised tail token).
+        A label and a yardstick, never trained on: one forward without autograd, vocabulary projection of the tail
+        only. Every baseline has the same length, so the batch has no padding."""
+        batch = build_wc_batch(baselines, trees, self.nets, self.model.embed, self.cfg.mc_positional,
+                               self.model.config.head_dim, self.device)
+        targets = stack_targets([next_token_targets(wc, y_np[b]) for b, wc in enumerate(baselines)],
+                                batch.embeds.shape[1], self.device)
+        per_token = self.model(inputs_embeds=batch.embeds, rotary=batch.rotary, targets=targets,
+                               loss_reduction="none", loss_last_n=self.tail).float()  # (B, tail)
+        return _masked_mean(per_token, targets[:, -self.tail:] >= 0)
 
     def _build_trees(self, x: torch.Tensor) -> list[MegaContextTree]:
         """One RAM tree per row over its T tokens, every gist level from one GistNet call (autograd kept)."""
@@ -217,24 +231,22 @@ class MCController:
         return [MegaContextTree(RamTreeStore.from_levels(x[b], [g[b] for g in levels], c.block_size, c.mc_max_lod),
                                 self.model.embed, self.nets.gist) for b in range(x.shape[0])]
 
-    def _lens_terms(self, batch, wcs, is_random, tail_loss, B, n, step) -> dict:
-        rand = torch.from_numpy(np.flatnonzero(is_random)).to(self.device)
-        mask = batch.mask[rand]
+    def _lens_terms(self, batch, wcs, var_tail, B, n, step) -> dict:
+        """LensNet's scores on the random variants and its fit to their measured tail losses (Float[B*n])."""
         with self._aux_precision():
-            scores = self.nets.lensnet(batch.embeds[rand].detach(), batch.levels[rand], batch.indices[rand],
-                                       mask).float()  # (B*n, W)
-        kl, budget = self.lens.regularisers(scores, mask)
+            scores = self.nets.lensnet(batch.embeds.detach(), batch.levels, batch.indices, batch.mask).float()
+        kl, budget = self.lens.regularisers(scores, batch.mask)
         # labels: variants whose shared tail has supervised tokens (all of them in pretraining)
-        labelled = np.flatnonzero(torch.isfinite(tail_loss[rand]).cpu().numpy())
+        labelled = np.flatnonzero(torch.isfinite(var_tail).cpu().numpy())
         if labelled.size == 0:
             lens_loss, pred_delta, measured_delta = scores.sum() * 0.0, scores.new_zeros(0), scores.new_zeros(0)
         else:
             group = torch.arange(B).repeat_interleave(n)[labelled]
             membership = build_variant_membership(
-                [(torch.from_numpy(wcs[i].levels), torch.from_numpy(wcs[i].indices))
-                 for i in np.flatnonzero(is_random)[labelled]], self.cfg.block_size, group)
+                [(torch.from_numpy(wcs[i].levels), torch.from_numpy(wcs[i].indices)) for i in labelled],
+                self.cfg.block_size, group)
             sel = torch.from_numpy(labelled).to(self.device)
-            labels = self.lens.normalised_losses(tail_loss[rand][sel], group)
+            labels = self.lens.normalised_losses(var_tail[sel], group)
             lens_loss, pred_delta, measured_delta = self.lens.pair_loss(scores[sel], membership, labels)
         report = self._refocus_report(wcs[0], scores[0, : len(wcs[0])], step)
         return {"lens_loss": lens_loss, "kl": kl, "budget": budget, "report": report,
@@ -259,7 +271,7 @@ class MCController:
             "level_counts": new_wc.level_counts(self.cfg.mc_max_lod).tolist(), "scheme": self.cfg.mc_positional})
         return report
 
-    def _record(self, variant_loss, tail_loss, is_random, rows, lens_out, target, num_wcs, ctrl_ms) -> None:
+    def _record(self, variant_loss, tail_loss, rows, lens_out, target, num_wcs, ctrl_ms) -> None:
         m, n = self.metrics, self.variants_per_row
         tl = tail_loss.view(-1, n + 1)  # (B, n + 1): random variants, then the baseline
         var_tail, trunc_tail = tl[:, :n], tl[:, n]
@@ -299,6 +311,12 @@ class MCController:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
         return opt
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Float[N] row means of values[N, W] over mask; NaN for a row with nothing selected."""
+    mean = (values * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return torch.where(mask.any(1), mean, torch.full_like(mean, float("nan")))
 
 
 def training_objective(mc_cfg: MCConfig, model, train_model, num_iterations: int, seed: int = 0,

@@ -1,9 +1,15 @@
 """Which working contexts a training sequence is scored under: random compressions plus a truncation baseline.
 
 For one row of `max_seq_len` tokens (the history) the controller scores:
-- `n` random legal cuts through the row's gist tree at the current target length, the recent tail raw in all of
-  them. Variant i may use gist levels up to `1 + i % max_lod` (when a cut that shallow fits the target), so every
-  level of detail is measured each step and `mc/lod{k}_loss` has data for every k;
+- `n` focused variants at the current target length, the recent tail raw in all of them: the recency staircase
+  (raw tokens at the cursor, then level-1 gists, then coarser ones: the shape the focus allocator gives a WC at
+  inference), plain for the first variant of each gist level and with 1 to `MAX_SWAPS` random swaps for the rest, each collapsing one random sibling group and expanding one random
+  gist, so the length stays the same. Variants of a row differ in a few nodes, so their measured loss differences
+  are clean labels of those nodes' utility for LensNet, around the working point the allocator operates at. (Cuts
+  drawn uniformly at random differ in dozens of nodes, mostly far from the cursor: their differences are mostly
+  noise, and they throw away recent raw tokens that no focused WC would drop.) Variant i may use gist levels up to
+  `1 + i % max_lod` (when a cut that shallow fits the target), so every level of detail is measured each step and
+  `mc/lod{k}_loss` has data for every k;
 - one truncation baseline: the last `target` tokens, raw, nothing before them. It is what vanilla attention with
   a window of the same length would see, so "variant loss below baseline loss" means the gists carry information.
 
@@ -19,9 +25,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megacontext.working_context import WorkingContext, make_wc, min_wc_length, random_wc
+from megacontext.working_context import (
+    WorkingContext,
+    apply_edits,
+    collapsible_groups,
+    make_wc,
+    min_wc_length,
+    recency_wc,
+)
 
 START_FRACTION = 0.8  # target WC length at step 0, as a fraction of max_seq_len
+MAX_SWAPS = 3  # random (collapse one group, expand one gist) swaps applied to the recency staircase
 
 
 def wc_length_fraction(progress: float, final_fraction: float, start_fraction: float = START_FRACTION) -> float:
@@ -62,10 +76,29 @@ def row_seed(seed: int, step: int, row_tokens: np.ndarray) -> list[int]:
     return [seed, step, zlib.crc32(np.ascontiguousarray(row_tokens, dtype=np.int64).tobytes())]
 
 
+def focused_wc(num_tokens: int, block_size: int, max_level: int, target: int, swaps: int,
+               rng: np.random.Generator, recent_tokens: int) -> WorkingContext:
+    """The recency staircase at `target` entries, then `swaps` rounds of (collapse a random sibling group, expand a
+    random gist outside it): same length, a few nodes moved away from the cursor-first order."""
+    wc = recency_wc(num_tokens, block_size, max_level, target, recent_tokens)
+    K = block_size
+    for _ in range(swaps):
+        groups = collapsible_groups(wc, max_level, recent_tokens)
+        gists = np.flatnonzero(wc.levels > 0)
+        if groups.size == 0 or gists.size == 0:
+            break
+        start = int(rng.choice(groups))
+        gists = gists[(gists < start) | (gists >= start + K)]
+        if gists.size == 0:
+            break
+        wc, _ = apply_edits(wc, expand_at=[int(rng.choice(gists))], collapse_starts=[start], max_level=max_level)
+    return wc
+
+
 def sample_row_variants(row_tokens: np.ndarray, n: int, target: int, block_size: int, max_level: int,
                         recent_tokens: int, step: int, seed: int = 0) -> RowVariants:
-    """`n` random cuts of a row of T tokens at `target` entries (minus at most K - 1) and the truncation baseline
-    at exactly `target` entries."""
+    """`n` focused variants of a row of T tokens at `target` entries (minus at most K - 1) and the truncation
+    baseline at exactly `target` entries."""
     T = int(row_tokens.shape[0])
     rng = np.random.default_rng(row_seed(seed, step, row_tokens))
     wcs, levels = [], []
@@ -73,7 +106,8 @@ def sample_row_variants(row_tokens: np.ndarray, n: int, target: int, block_size:
         lod = 1 + i % max_level
         if min_wc_length(T, block_size, lod, recent_tokens) > target:
             lod = max_level  # too shallow to fit: the full tree always fits (target_wc_length checked it)
-        wcs.append(random_wc(T, block_size, lod, target, rng, recent_tokens=recent_tokens))
+        swaps = 0 if i < max_level else int(rng.integers(1, MAX_SWAPS + 1))  # one plain staircase per level
+        wcs.append(focused_wc(T, block_size, lod, target, swaps, rng, recent_tokens))
         levels.append(lod)
     return RowVariants(wcs, levels, truncation_wc(T, target, block_size))
 

@@ -330,11 +330,13 @@ class GPT(nn.Module):
         return rotary_cos_sin(torch.arange(offset, offset + T, device=device)[None], self.config.head_dim)
 
     def forward(self, idx=None, targets=None, *, inputs_embeds=None, positions=None, rotary=None, attn_mask=None,
-                kv_cache=None, loss_reduction="mean", last_logits_only=False):
+                kv_cache=None, loss_reduction="mean", last_logits_only=False, loss_last_n=None):
         """Logits Float32[B, T, V] when targets is None, else the cross-entropy loss (ignore_index=-1):
         "mean" -> scalar, "sum" -> scalar, "none" -> Float[B, T]. See the module docstring for the hooks.
         `last_logits_only`: logits of the last position only, Float32[B, 1, V] (filling a KV cache needs no more;
-        the vocabulary projection of every position would dominate the cost of a long recompute)."""
+        the vocabulary projection of every position would dominate the cost of a long recompute).
+        `loss_last_n`: the loss of the last n positions only (targets still Long[B, T]; "none" -> Float[B, n]): a
+        caller that scores only a sequence's tail skips the vocabulary projection of the rest."""
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx (token ids) or inputs_embeds")
         x = self.embed(idx) if idx is not None else inputs_embeds  # (B, T, D)
@@ -358,6 +360,10 @@ class GPT(nn.Module):
             if targets is not None:
                 raise ValueError("last_logits_only is for inference: it cannot compute a loss over every position")
             x = x[:, -1:]
+        if loss_last_n is not None:
+            if targets is None or targets.shape != (B, T) or not 1 <= loss_last_n <= T:
+                raise ValueError(f"loss_last_n needs targets Long[{B}, {T}] and 1 <= n <= {T} (got {loss_last_n})")
+            x, targets, T = x[:, -loss_last_n:], targets[:, -loss_last_n:], loss_last_n
         logits = self.lm_head(x).float()  # fp32 for the softcap and a stable cross-entropy under bf16 autocast
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)  # (B, T, V)
         if targets is None:

@@ -14,9 +14,11 @@ time, and each mode's ratio to the first.
 
 With --mc it instead compares a vanilla training step with an --mc step (MegaContext controller, --mc_* knobs as in
 training; 1 random variant unless --mc_num_random_variants says otherwise) on the same batch, alternating
-vanilla / MC steps so load changes on a shared machine hit both alike. It prints the cost per training token of
---mc ÷ vanilla (targets: <= 1.5x) and the controller's share of the MC step (tree build, sampling, positions,
-LensNet, allocator; target: <= 10 %), plus the cost per position the GPT processes (variants included).
+vanilla / MC steps so load changes on a shared machine hit both alike. The variants' length anneals over a run
+(80 % of the sequence down to --mc_train_wc_length), and so does their cost, so it measures at the start, middle and
+end of the anneal. Per point and for the run average it prints the cost per training token of --mc ÷ vanilla
+(target: <= 1.5x) and the controller's share of the MC step (tree build, sampling, positions, LensNet, allocator;
+target: <= 10 %), plus the cost per position the GPT trains on (vanilla rows and random variants).
 """
 
 import argparse
@@ -104,23 +106,29 @@ def bench_mode(args, device: torch.device, use_compile: bool) -> dict:
             "mfu": mfu, "warmup_s": warmup, "params": model.num_params()}
 
 
+RUN_POINTS = (0.0, 0.5, 1.0)  # progress through the run: target WC length at its start, middle and end
+SIMPSON = (1 / 6, 4 / 6, 1 / 6)  # run average of a cost quadratic (or linear) in the annealed length: exact
+
+
 def bench_mc(args, device: torch.device) -> dict:
-    """Alternate vanilla and --mc training steps on one batch; medians of --steps each after --warmup-steps."""
+    """Alternate vanilla and --mc training steps on one batch at the start, middle and end of the annealed target
+    length; medians of --steps pairs per point after --warmup-steps, and the run average over the anneal."""
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.max_seq_len)).to(device)
     model.init_weights()
     optimizers = model.setup_optimizers()
-    ctrl = MCController(MCConfig.from_args(args), model, num_iterations=args.steps)
+    num_iterations = 100
+    ctrl = MCController(MCConfig.from_args(args), model, num_iterations=num_iterations)
     B, T = args.device_batch_size, args.max_seq_len
     x = torch.randint(0, args.vocab_size, (B, T), device=device)
     y = torch.randint(0, args.vocab_size, (B, T), device=device)
 
-    def step(mc: bool) -> float:
+    def step(mc_step: int | None) -> float:
         t0 = time.perf_counter()
         with autocast_context(device.type):
-            loss, _ = ctrl(x, y, 0) if mc else (model(x, y), None)
+            loss, _ = ctrl(x, y, mc_step) if mc_step is not None else (model(x, y), None)
         loss.backward()
-        for opt in optimizers + (ctrl.optimizers if mc else []):
+        for opt in optimizers + (ctrl.optimizers if mc_step is not None else []):
             opt.step()
         model.zero_grad(set_to_none=True)
         ctrl.nets.zero_grad(set_to_none=True)
@@ -128,29 +136,39 @@ def bench_mc(args, device: torch.device) -> dict:
         return time.perf_counter() - t0
 
     for _ in range(args.warmup_steps):
-        step(False), step(True)
+        step(None), step(0)
     ctrl.step_metrics()
-    vanilla, mc, ctrl_ms, positions = [], [], [], []
-    for _ in range(args.steps):
-        vanilla.append(step(False))
-        mc.append(step(True))
-        metrics = ctrl.step_metrics()
-        ctrl_ms.append(metrics["mc/time_controller_ms"])
-        positions.append(B * T + metrics["mc/variants_total"] * metrics["mc/target_wc_length"])
-    v, m = statistics.median(vanilla), statistics.median(mc)
-    return {"vanilla_ms": v * 1e3, "mc_ms": m * 1e3, "ratio": m / v, "controller_ms": statistics.median(ctrl_ms),
-            "controller_share": statistics.median(ctrl_ms) / (m * 1e3),
-            "ratio_per_position": (m / statistics.mean(positions)) / (v / (B * T)),
-            "variants": ctrl.variants_per_row, "target": ctrl.target_length(0)}
+    points = []
+    for progress in RUN_POINTS:
+        mc_step = round(progress * num_iterations)
+        vanilla, mc, ctrl_ms = [], [], []
+        for _ in range(args.steps):
+            vanilla.append(step(None))
+            mc.append(step(mc_step))
+            ctrl_ms.append(ctrl.step_metrics()["mc/time_controller_ms"])
+        v, m = statistics.median(vanilla), statistics.median(mc)
+        target = ctrl.target_length(mc_step)
+        positions = B * T + B * ctrl.variants_per_row * target  # positions the GPT trains on (baselines aside)
+        points.append({"progress": progress, "target": target, "vanilla_ms": v * 1e3, "mc_ms": m * 1e3,
+                       "ratio": m / v, "controller_ms": statistics.median(ctrl_ms),
+                       "controller_share": statistics.median(ctrl_ms) / (m * 1e3),
+                       "ratio_per_position": (m / positions) / (v / (B * T))})
+    run = {k: sum(w * p[k] for w, p in zip(SIMPSON, points)) for k in ("vanilla_ms", "mc_ms", "controller_ms")}
+    return {"points": points, "variants": ctrl.variants_per_row, "run_ratio": run["mc_ms"] / run["vanilla_ms"],
+            "run_controller_share": run["controller_ms"] / run["mc_ms"]}
 
 
 def format_mc(r: dict) -> str:
-    return "\n".join([
-        "| vanilla step ms | --mc step ms | cost/token --mc ÷ vanilla | controller ms | controller share | "
-        "cost/position ratio |",
-        "|---|---|---|---|---|---|",
-        f"| {r['vanilla_ms']:.0f} | {r['mc_ms']:.0f} | {r['ratio']:.2f}x (target <= 1.5x) | {r['controller_ms']:.0f} | "
-        f"{100 * r['controller_share']:.1f} % (target <= 10 %) | {r['ratio_per_position']:.2f}x |"])
+    lines = ["| point of the run | target WC length | vanilla step ms | --mc step ms | cost/token --mc ÷ vanilla | "
+             "controller ms | controller share | cost/trained position ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in r["points"]:
+        lines.append(f"| {100 * p['progress']:.0f} % | {p['target']} | {p['vanilla_ms']:.0f} | {p['mc_ms']:.0f} | "
+                     f"{p['ratio']:.2f}x | {p['controller_ms']:.0f} | {100 * p['controller_share']:.1f} % | "
+                     f"{p['ratio_per_position']:.2f}x |")
+    lines.append(f"| run average | | | | **{r['run_ratio']:.2f}x** (target <= 1.5x) | | "
+                 f"**{100 * r['run_controller_share']:.1f} %** (target <= 10 %) | |")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -176,8 +194,8 @@ def main(argv=None) -> list[dict]:
           f"{args.steps} timed steps after {args.warmup_steps} warmup, on {name}")
     if args.mc:
         result = bench_mc(args, device)
-        print(f"--mc: {result['variants']} random variant(s) + truncation baseline per row at "
-              f"{result['target']} entries, block size {args.block_size}")
+        print(f"--mc: {result['variants']} random variant(s) + truncation baseline per row, block size "
+              f"{args.block_size}; target length annealed over the run (run average: Simpson's rule over the points)")
         print(format_mc(result))
         return [result]
     rows = [bench_mode(args, device, use_compile) for use_compile in args.compile_modes]

@@ -329,6 +329,19 @@ def test_loss_reductions_and_ignore_index():
         model(idx, targets, loss_reduction="max")
 
 
+def test_loss_last_n_is_the_tail_of_the_per_token_loss():
+    model = make_model()
+    idx, targets = tokens(2, 8), tokens(2, 8, seed=5)
+    full = model(idx, targets, loss_reduction="none")
+    torch.testing.assert_close(model(idx, targets, loss_reduction="none", loss_last_n=3), full[:, -3:])
+    torch.testing.assert_close(model(idx, targets, loss_last_n=3), full[:, -3:].mean())
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="loss_last_n"):
+            model(idx, targets, loss_last_n=bad)
+    with pytest.raises(ValueError, match="loss_last_n"):
+        model(idx, loss_last_n=3)
+
+
 def test_generate_greedy_and_seeded():
     model = make_model()
     prompt = [3, 1, 4]

@@ -260,3 +260,16 @@ def test_allocator_knobs_shape_the_refocus_report():
         ctrl.variant_losses(x, y, 0, True)
         reports[name] = ctrl.step_metrics()["mc/swap_rate"]
     assert reports["frozen"] == 0.0 and reports["eager"] > 0.0
+
+
+def test_truncation_baseline_is_the_tail_loss_of_the_last_target_tokens_alone():
+    ctrl = _controller()
+    x, y = _batch()
+    out = ctrl.variant_losses(x, y, step=5, train=True)
+    target, n = out["target"], ctrl.variants_per_row
+    model = ctrl.model
+    with torch.no_grad():  # the window a vanilla model of `target` tokens sees: positions 0.., nothing before
+        per_token = model(x[:, T - target:], y[:, T - target:], loss_reduction="none")
+    expected = per_token[:, -ctrl.tail:].mean(1)
+    torch.testing.assert_close(out["tail_loss"].view(B, n + 1)[:, n], expected)
+    assert not out["tail_loss"].requires_grad
