@@ -76,6 +76,10 @@ class MCConfig:
     mc_train_wc_length: float = 0.2
     mc_max_counterfactuals: int = 8
     mc_lens_loss_weight: float = 0.1
+    # Weight of the variants' next-token loss. GistNet and the level embedding train with AdamW, whose steps do not
+    # depend on the gradient's scale, so this sets how hard the shared GPT is pulled toward reading gists (away
+    # from its full-window objective), not how fast the MC nets learn.
+    mc_variant_loss_weight: float = 1.0
     # Bradley-Terry scale in nats, set to the measured RMS of tail-loss differences between random variants of a row
     # (`mc/pair_delta_rms`): 0.006 -> 0.02 over a 150-step CPU --mc base run (d4, T=512, K=8; 0.034 on val at the
     # end), 0.3-0.5 for fresh nets on a trained d4 base. It grows as gists become useful; --mc_lens_adv_norm_beta
@@ -235,6 +239,9 @@ class MCConfig:
         )
         for name in ("mc_lens_loss_weight", "mc_lens_kl_weight", "mc_lens_budget_smooth_weight"):
             _require(getattr(self, name) >= 0, f"--{name} must be >= 0 (got {getattr(self, name)})")
+        _require(self.mc_variant_loss_weight > 0,
+                 f"--mc_variant_loss_weight must be > 0: GistNet learns only from the variant loss "
+                 f"(got {self.mc_variant_loss_weight})")
         _require(self.mc_lens_temperature > 0, f"--mc_lens_temperature must be > 0 (got {self.mc_lens_temperature})")
         for name in ("mc_lens_adv_norm_beta", "mc_lens_budget_smooth_beta"):
             _require(0.0 <= getattr(self, name) < 1.0, f"--{name} is an EMA decay in [0, 1) (got {getattr(self, name)})")
@@ -326,6 +333,8 @@ def add_mc_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     add_flag(g, "--mc_train_wc_length", type=float, default=d.mc_train_wc_length, help="fraction of max_seq_len")
     add_flag(g, "--mc_max_counterfactuals", type=int, default=d.mc_max_counterfactuals)
     add_flag(g, "--mc_lens_loss_weight", type=float, default=d.mc_lens_loss_weight)
+    add_flag(g, "--mc_variant_loss_weight", type=float, default=d.mc_variant_loss_weight,
+             help="weight of the variants' next-token loss (how hard the GPT learns to read gists)")
     add_flag(g, "--mc_lens_temperature", type=float, default=d.mc_lens_temperature,
              help="Bradley-Terry scale in nats of tail loss (lower = sharper)")
     add_flag(g, "--mc_lens_adv_norm_beta", type=float, default=d.mc_lens_adv_norm_beta,

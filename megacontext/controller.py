@@ -20,7 +20,8 @@ Per micro-batch (each row of x is one sequence of max_seq_len tokens, y the next
 4. trains on next-token targets of raw entries; compares variants of a row on the shared raw tail (same target
    tokens), and fits LensNet to those measured losses (lens_training.py);
 5. refocuses one sampled WC with the allocator on LensNet's scores to report swap rate and residency.
-Objective: vanilla full-sequence loss + MC variant loss + `--mc_lens_loss_weight` × lens loss (+ the weighted
+Objective: vanilla full-sequence loss + `--mc_variant_loss_weight` × MC variant loss + `--mc_lens_loss_weight` ×
+lens loss (+ the weighted
 LensNet regularisers). It returns data and never prints; telemetry events go to the provider it was given.
 Trees are built in RAM whatever `--mc_tree` says: they hold the autograd graph back to GistNet and live for one
 micro-batch. `--mc_tree` is recorded with the nets and chooses the store of inference sessions.
@@ -124,7 +125,7 @@ class MCController:
         if x.shape[1] < MIN_TAIL_MULTIPLE * self.tail:  # too short to compress (short chat batches): vanilla only
             return vanilla, vanilla
         out = self.variant_losses(x, y, step, train=True)
-        extra = out["variant_loss"] + self.cfg.mc_lens_loss_weight * out["lens_loss"] + out["regularisers"]
+        extra = self.cfg.mc_variant_loss_weight * out["variant_loss"] + self.cfg.mc_lens_loss_weight * out["lens_loss"] + out["regularisers"]
         total = vanilla + (extra * (y >= 0).sum() if reduction == "sum" else extra)
         self.last_parts = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
         return total, vanilla

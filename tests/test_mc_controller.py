@@ -94,6 +94,21 @@ def test_mc_lens_loss_weight_scales_the_lens_term():
     assert totals[10.0] == pytest.approx(10 * lens, rel=1e-4) and lens > 0
 
 
+def test_mc_variant_loss_weight_scales_the_variant_term():
+    x, y = _batch()
+    parts = {}
+    for w in (1.0, 0.25):
+        ctrl = _controller(mc_variant_loss_weight=w)
+        total, vanilla = ctrl(x, y, 0)
+        p = ctrl.last_parts
+        parts[w] = float((total - vanilla - ctrl.cfg.mc_lens_loss_weight * p["lens_loss"]).detach()), \
+            float(p["variant_loss"].detach())
+    assert parts[1.0][0] == pytest.approx(parts[1.0][1], rel=1e-5)
+    assert parts[0.25][0] == pytest.approx(0.25 * parts[0.25][1], rel=1e-5) and parts[0.25][1] > 0
+    with pytest.raises(ValueError, match="mc_variant_loss_weight"):
+        MCConfig(mc=True, mc_variant_loss_weight=0.0).validate()
+
+
 def test_mc_lens_temperature_changes_the_fit():
     x, y = _batch()
     losses = [float(_controller(mc_lens_temperature=t).variant_losses(x, y, 0, True)["lens_loss"].detach())
