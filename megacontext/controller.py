@@ -12,7 +12,7 @@ with it) and then only calls it:
 
 Per micro-batch (each row of x is one sequence of max_seq_len tokens, y the next tokens) the controller:
 1. builds every row's gist tree at once, with gradient, one GistNet call per level;
-2. samples `min(--mc_num_random_variants, --mc_max_counterfactuals)` random cuts per row plus a truncation
+2. samples `min(--mc_num_random_variants, --mc_max_counterfactuals)` focused variants per row plus a truncation
    baseline, at a target length annealed from 80 % of the sequence to `--mc_train_wc_length` (see variants.py);
 3. runs the GPT on the random variants in one right-padded batch with per-row rotary positions
    (`--mc_positional`), and on the baselines in a second forward without autograd (they are labels and a
@@ -183,7 +183,7 @@ class MCController:
         rows = [sample_row_variants(x_np[b], self.variants_per_row, target, K, L, self.tail, step, self.seed)
                 for b in range(B)]
         n = self.variants_per_row
-        randoms = [wc for r in rows for wc in r.random]  # row b: its n random variants
+        randoms = [wc for r in rows for wc in r.random]  # row b: its n variants
         with self.telemetry.span("positional", into=timings):
             batch = build_wc_batch(randoms, [trees[b] for b in range(B) for _ in range(n)], self.nets,
                                    self.model.embed, c.mc_positional, self.model.config.head_dim, self.device)

@@ -106,7 +106,7 @@ def sample_row_variants(row_tokens: np.ndarray, n: int, target: int, block_size:
         lod = 1 + i % max_level
         if min_wc_length(T, block_size, lod, recent_tokens) > target:
             lod = max_level  # too shallow to fit: the full tree always fits (target_wc_length checked it)
-        swaps = 0 if i < max_level else int(rng.integers(1, MAX_SWAPS + 1))  # one plain staircase per level
+        swaps = int(rng.integers(1, MAX_SWAPS + 1)) if lod in levels else 0  # one plain staircase per level
         wcs.append(focused_wc(T, block_size, lod, target, swaps, rng, recent_tokens))
         levels.append(lod)
     return RowVariants(wcs, levels, truncation_wc(T, target, block_size))

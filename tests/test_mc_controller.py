@@ -11,8 +11,9 @@ from megacontext.controller import MCController, VanillaObjective, config_for_ch
 from megacontext.lens_training import LensObjective, hard_negative_pairs, policy_kl_to_neutral
 from megacontext.lensnet import preference_correlation
 from megacontext.mc_metrics import StepMetrics
-from megacontext.variants import START_FRACTION, wc_length_fraction
+from megacontext.variants import START_FRACTION, focused_wc, sample_row_variants, wc_length_fraction
 from megacontext.wc_inputs import next_token_targets
+from megacontext.working_context import check_invariants, recency_wc
 from nanochat.gpt import GPT, GPTConfig
 
 K, T, B = 4, 64, 2
@@ -288,3 +289,23 @@ def test_truncation_baseline_is_the_tail_loss_of_the_last_target_tokens_alone():
     expected = per_token[:, -ctrl.tail:].mean(1)
     torch.testing.assert_close(out["tail_loss"].view(B, n + 1)[:, n], expected)
     assert not out["tail_loss"].requires_grad
+
+
+@pytest.mark.parametrize("target", [60, 150, 400])
+def test_focused_variants_are_the_recency_staircase_with_a_few_same_length_swaps(target):
+    T_, K_, L_, R = 512, 8, 2, 8
+    rng = np.random.default_rng(0)
+    staircase = recency_wc(T_, K_, L_, target, R)
+    assert np.array_equal(focused_wc(T_, K_, L_, target, 0, rng, R).levels, staircase.levels)
+    spans = lambda wc: {(int(lv), int(ix)) for lv, ix in zip(wc.levels, wc.indices)}  # noqa: E731
+    moved = []
+    for swaps in (1, 2, 3):
+        wc = check_invariants(focused_wc(T_, K_, L_, target, swaps, rng, R), L_, R, max_length=target)
+        assert len(wc) == len(staircase) and (wc.levels[-R:] == 0).all()
+        moved.append(len(spans(wc) ^ spans(staircase)))
+    assert 0 < moved[0] <= moved[-1]
+    row = sample_row_variants(np.arange(T_), 4, target, K_, L_, R, step=3)
+    plain = [lod for i, lod in enumerate(row.max_levels) if lod not in row.max_levels[:i]]  # first of each level
+    for i, lod in enumerate(plain):
+        assert np.array_equal(row.random[i].levels, recency_wc(T_, K_, lod, target, R).levels)
+    assert len({tuple(w.levels.tolist()) + tuple(w.indices.tolist()) for w in row.random}) == 4
