@@ -159,3 +159,19 @@ def test_bench_train_table():
     assert all(r["tok_per_sec"] > 0 and r["peak_mem_mib"] > 0 and r["mfu"] is None for r in rows)
     table = bench_train.format_table(rows)
     assert table.splitlines()[0].startswith("| compile | tok/s | × tok/s") and len(table.splitlines()) == 4
+
+
+def test_bench_train_mc_measures_the_anneal_and_its_run_average(capsys):
+    (r,) = bench_train.main(["--device-type=cpu", "--depth=1", "--max-seq-len=64", "--device-batch-size=1",
+                             "--vocab-size=64", "--steps=1", "--warmup-steps=1", "--mc", "--block-size=4",
+                             "--gistnet-layers=1", "--lensnet-layers=1"])
+    points = r["points"]
+    assert [p["progress"] for p in points] == [0.0, 0.5, 1.0]
+    assert points[0]["target"] > points[1]["target"] > points[2]["target"]  # the anneal: 80 % down to 20 %
+    run_mc = sum(w * p["mc_ms"] for w, p in zip(bench_train.SIMPSON, points))
+    run_vanilla = sum(w * p["vanilla_ms"] for w, p in zip(bench_train.SIMPSON, points))
+    assert r["run_ratio"] == pytest.approx(run_mc / run_vanilla)
+    assert all(p["ratio"] == pytest.approx(p["mc_ms"] / p["vanilla_ms"]) for p in points)
+    assert 0 < r["run_controller_share"] < 1 and r["gistnet_ms"] > 0
+    table = capsys.readouterr().out
+    assert "| run average |" in table and f"{r['run_ratio']:.2f}x" in table and "GistNet forward + backward" in table
