@@ -6,9 +6,12 @@ must produce (its text, its python calls, <|assistant_end|>).
 Midtraining (`PackedConversations`) treats the rendered conversations as a token stream, as nanochat does: rows
 of T+1 consecutive stream tokens, x = row[:-1], y = row[1:], EVERY token a target (user turns included). Mid
 teaches the format, the special tokens and new kinds of content to a base model, and predicting the user side is
-still useful language modelling; a long conversation simply continues in the next row. Rank r reads the
-conversations r, r+W, r+2W, ... of the (already shuffled) mixture; the cursor and the unconsumed tail of the
-stream are the resumable state.
+still useful language modelling; a long conversation simply continues in the next row. Data slots, as in
+pretraining (nanochat.dataloader): a step consumes D = world_size × grad_accum micro-batches, slot d packs the
+conversations d, d+D, d+2D, ... of the (already shuffled) mixture, and rank r owns the slots r·A .. r·A + A - 1
+(A = grad_accum), one per micro-step. The global batch of a step is then the same for 1 process × A micro-steps
+as for N processes, and a run can resume on another number of processes while D stays the same. Each slot's
+cursor and the unconsumed tail of its stream are the resumable state.
 
 SFT (`SFTBatches`) keeps one conversation per row, cut to max_seq_len+1 tokens, right-padded to the longest row
 of the batch; targets are -1 (ignored) wherever the next token is not the assistant's (mask 0) and on padding.
@@ -84,45 +87,73 @@ class SFTBatches:
         return pad_batch(rendered, self.pad_id, self.device)
 
 
-class PackedConversations:
-    """Endless packed rows for midtraining; `next()` -> x, y Long[B, T]. Epochs wrap around the task."""
+class _PackedSlot:
+    """One data slot of the packed stream: the conversations slot, slot + D, slot + 2D, ... rendered end to end."""
 
-    def __init__(self, task, tokenizer, batch_size: int, seq_len: int, rank: int, world_size: int, device,
-                 state: dict | None = None):
-        if len(task) < world_size:
-            raise ValueError(f"the task {task.name} has {len(task)} conversations, fewer than {world_size} ranks")
-        self.task, self.tokenizer = task, tokenizer
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.rank, self.world_size, self.device = rank, world_size, device
+    def __init__(self, slot: int, num_slots: int, state: dict | None):
+        self.slot, self.num_slots = slot, num_slots
         state = state or {"cursor": 0, "epoch": 0, "buffer": []}
-        self.cursor, self.epoch_count, self.buffer = state["cursor"], state["epoch"], list(state["buffer"])
+        self.cursor, self.epoch, self.buffer = state["cursor"], state["epoch"], list(state["buffer"])
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "epoch": self.epoch_count, "buffer": list(self.buffer)}
+        return {"cursor": self.cursor, "epoch": self.epoch, "buffer": list(self.buffer)}
+
+    def take(self, n: int, task, tokenizer) -> list[int]:
+        """The next n tokens of this slot's stream."""
+        while len(self.buffer) < n:
+            index = self.slot + self.cursor * self.num_slots
+            if index >= len(task):
+                self.cursor, self.epoch, index = 0, self.epoch + 1, self.slot
+            self.cursor += 1
+            self.buffer.extend(render(tokenizer, task[index], None)[0])
+        out = self.buffer[:n]
+        del self.buffer[:n]
+        return out
+
+
+class PackedConversations:
+    """Endless packed rows for midtraining; `next()` -> x, y Long[B, T], cycling through this rank's data slots
+    (see the module doc). Epochs wrap around the task."""
+
+    def __init__(self, task, tokenizer, batch_size: int, seq_len: int, rank: int, world_size: int, device,
+                 grad_accum: int = 1, state: dict | None = None):
+        self.num_slots = world_size * grad_accum
+        if len(task) < self.num_slots:
+            raise ValueError(f"the task {task.name} has {len(task)} conversations, fewer than its {self.num_slots} "
+                             "data slots (world_size × grad_accum)")
+        self.task, self.tokenizer = task, tokenizer
+        self.batch_size, self.seq_len, self.device = batch_size, seq_len, device
+        saved, self.micro_step = ([None] * self.num_slots, 0) if state is None else (state["slots"],
+                                                                                    state["micro_step"])
+        if len(saved) != self.num_slots:
+            raise ValueError(f"the saved loader state has {len(saved)} data slots (world_size × grad_accum) but this "
+                             f"run has {self.num_slots}; resume with the same --total-batch-size / "
+                             "--device-batch-size / --max-seq-len, or start a fresh run")
+        self.slots = list(range(rank * grad_accum, (rank + 1) * grad_accum))
+        self.streams = [_PackedSlot(s, self.num_slots, saved[s]) for s in self.slots]
+
+    def state_dict(self) -> dict:
+        """This rank's slots (others None) and the micro-step counter; merge ranks with
+        nanochat.dataloader.merge_states."""
+        slots: list = [None] * self.num_slots
+        for s, stream in zip(self.slots, self.streams):
+            slots[s] = stream.state_dict()
+        return {"slots": slots, "micro_step": self.micro_step % len(self.streams)}
 
     @property
     def epoch(self) -> float:
-        """Epochs read so far by this rank (fractional)."""
-        return self.epoch_count + self.cursor * self.world_size / len(self.task)
-
-    def _next_conversation(self) -> dict:
-        index = self.rank + self.cursor * self.world_size
-        if index >= len(self.task):
-            self.cursor, self.epoch_count = 0, self.epoch_count + 1
-            index = self.rank
-        self.cursor += 1
-        return self.task[index]
+        """Epochs read so far by this rank's first slot (fractional; the slots keep pace within a conversation)."""
+        first = self.streams[0]
+        return first.epoch + first.cursor * self.num_slots / len(self.task)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        need = self.batch_size * (self.seq_len + 1)
-        while len(self.buffer) < need:
-            ids, _ = render(self.tokenizer, self._next_conversation(), None)
-            self.buffer.extend(ids)
-        rows = torch.tensor(self.buffer[:need], dtype=torch.long).view(self.batch_size, self.seq_len + 1)
-        del self.buffer[:need]
+        stream = self.streams[self.micro_step % len(self.streams)]
+        self.micro_step += 1
+        tokens = stream.take(self.batch_size * (self.seq_len + 1), self.task, self.tokenizer)
+        rows = torch.tensor(tokens, dtype=torch.long).view(self.batch_size, self.seq_len + 1)
         return rows[:, :-1].contiguous().to(self.device), rows[:, 1:].contiguous().to(self.device)  # (B, T) each
 
 

@@ -49,6 +49,7 @@ def add_stage_flags(p: argparse.ArgumentParser, *, device_batch_size: int, max_s
     add_flag(p, "--data", default="auto", choices=DATA_CHOICES, help="conversation source: offline | hub | auto "
              "(auto = hub when reachable; the choice is printed)")
     add_flag(p, "--seed", type=int, default=42, help="seed of the data order")
+    add_flag(p, "--loss-log", default=None, help="append one JSON line per step (loss, lrm, dt) and eval to PATH")
 
 
 def check_positive(p: argparse.ArgumentParser, args, names: tuple[str, ...]) -> None:

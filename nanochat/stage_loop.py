@@ -6,6 +6,8 @@ checkpoint N starts with step N's evaluation (not its save, which is already on 
 """
 
 import dataclasses
+import json
+import os
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -25,6 +27,20 @@ class StepResult:
     tokens: int | None = None  # tokens computed this step when it varies (padded SFT batches); None: fixed
     logs: dict = dataclasses.field(default_factory=dict)  # extra W&B fields, e.g. "train/supervised_tokens"
     note: str = ""  # appended to the progress line, e.g. MegaContext's loss and controller time
+
+
+class LossLog:
+    """--loss-log: one JSON object per line, appended (a resumed run continues the same file); rank 0 only."""
+
+    def __init__(self, path: str | None, master: bool):
+        self.path = path if master else None
+        if self.path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+
+    def write(self, **record) -> None:
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 def due(step: int, every: int, last: bool, at_zero: bool = True) -> bool:
@@ -72,6 +88,7 @@ class Stage(Protocol):
     num_iterations: int
     meter: ProgressMeter
     wandb_run: object
+    loss_log: LossLog  # its evaluate hook writes its evaluations; run_stage writes every step
 
     def describe(self) -> None: ...  # print what is about to run
     def evaluate(self, step: int, last: bool) -> None: ...
@@ -81,9 +98,10 @@ class Stage(Protocol):
 
 
 def run_stage(stage: Stage, save_every: int) -> dict:
-    """describe -> run_steps with the stage's hooks -> finish."""
+    """describe -> run_steps with the stage's hooks (each step also goes to the stage's loss log) -> finish."""
     stage.describe()
     losses = run_steps(start_step=stage.start_step, num_iterations=stage.num_iterations, save_every=save_every,
                        meter=stage.meter, wandb_run=stage.wandb_run, evaluate=stage.evaluate, save=stage.save,
-                       step=stage.step)
+                       step=stage.step, after_step=lambda step, r, dt: stage.loss_log.write(
+                           step=step, loss=r.loss, lrm=r.lrm, dt=dt, **r.logs))
     return stage.finish(losses)

@@ -24,7 +24,6 @@ computes with N× the gradient accumulation.
 
 import argparse
 import dataclasses
-import json
 import os
 
 import psutil
@@ -61,7 +60,7 @@ from nanochat.run_state import (
     save_run_checkpoint,
     setup_optimizers,
 )
-from nanochat.stage_loop import StepResult, due, run_steps
+from nanochat.stage_loop import LossLog, StepResult, due, run_steps
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.train_loop import (
     ProgressMeter,
@@ -210,20 +209,6 @@ def memory_summary(device: torch.device) -> str:
     if device.type == "cuda":
         return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB"
     return f"process RSS {psutil.Process().memory_info().rss / 2**20:,.0f} MiB"
-
-
-class LossLog:
-    """--loss-log: one JSON object per line, appended (a resumed run continues the same file); rank 0 only."""
-
-    def __init__(self, path: str | None, master: bool):
-        self.path = path if master else None
-        if self.path:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-
-    def write(self, **record) -> None:
-        if self.path:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 def main(argv=None) -> dict:

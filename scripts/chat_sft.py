@@ -42,7 +42,7 @@ from nanochat.common import (
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.run_state import save_run_checkpoint, setup_optimizers
-from nanochat.stage_loop import StepResult, due, run_stage
+from nanochat.stage_loop import LossLog, StepResult, due, run_stage
 from nanochat.tasks.evaluate import run_categorical
 from nanochat.tasks.mixtures import eval_task, resolve_data_source, sft_mixture
 from nanochat.tokenizer import get_token_bytes
@@ -121,6 +121,7 @@ class SFTStage:
         self.user_config = vars(args).copy()
         self.wandb_run = init_wandb(args.run, self.user_config, "nanochat-sft", dist_info.is_master,
                                     get_base_dir())
+        self.loss_log = LossLog(args.loss_log, dist_info.is_master)
         self.token_bytes = get_token_bytes(device)
 
     def describe(self) -> None:
@@ -139,10 +140,12 @@ class SFTStage:
             self.val_bpb = self.val_bits_per_byte()
             print0(f"step {step:05d} | val bpb (assistant tokens): {self.val_bpb:.4f}")
             self.wandb_run.log({"step": step, "val/bpb": self.val_bpb})
+            self.loss_log.write(step=step, val_bpb=self.val_bpb)
         if args.eval_metrics_every > 0 and due(step, args.eval_metrics_every, last, at_zero=False):
             self.metrics = self.accuracy_metrics()
             print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in self.metrics.items()))
             self.wandb_run.log({"step": step, **{f"eval/{k}": v for k, v in self.metrics.items()}})
+            self.loss_log.write(step=step, **{f"eval/{k}": v for k, v in self.metrics.items()})
 
     def save(self, step: int) -> None:
         aux, mc_meta = self.objective.checkpoint_parts()  # MC nets and their config ({} without --mc)

@@ -41,10 +41,11 @@ from nanochat.common import (
     str2bool,
     strip_separator,
 )
+from nanochat.dataloader import merge_states
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.run_state import gather_objects, save_run_checkpoint, setup_optimizers
-from nanochat.stage_loop import StepResult, due, run_stage
+from nanochat.stage_loop import LossLog, StepResult, due, run_stage
 from nanochat.tasks.mixtures import mid_mixture, resolve_data_source
 from nanochat.tokenizer import get_token_bytes
 from nanochat.train_loop import (
@@ -132,20 +133,21 @@ class MidStage:
         self.start_step, loader_state, self.val_bpb = 0, None, None
         if args.resume_from_step >= 0:
             restore_optimizers(self.checkpoint_dir, self.start["step"], self.optimizers, device, dist_info.rank)
-            states = meta["dataloader_state"]
-            if len(states) != dist_info.world_size:
-                raise ValueError(f"mid step {self.start['step']} was saved by {len(states)} processes; resume it "
-                                 f"with the same number (this run has {dist_info.world_size})")
-            self.start_step, loader_state, self.val_bpb = meta["step"], states[dist_info.rank], meta.get("val_bpb")
+            loader_state = meta["dataloader_state"]
+            if isinstance(loader_state, list):  # one stream per process, before data slots
+                raise ValueError(f"mid step {self.start['step']} was saved with one data stream per process, which "
+                                 "this version no longer reads; start a fresh mid run")
+            self.start_step, self.val_bpb = meta["step"], meta.get("val_bpb")
             self.meter.load_state_dict(meta["loop_state"]["progress"])
             self.start = meta["start"]
             print0(f"resumed from {self.checkpoint_dir} step {self.start_step}")
         self.min_val_bpb = self.val_bpb
         self.loader = PackedConversations(self.train_task, self.tokenizer, args.device_batch_size, args.max_seq_len,
-                                          dist_info.rank, dist_info.world_size, device, state=loader_state)
+                                          dist_info.rank, dist_info.world_size, device, self.accum, loader_state)
         self.user_config = vars(args).copy()
         self.wandb_run = init_wandb(args.run, self.user_config, "nanochat-mid", dist_info.is_master,
                                     get_base_dir())
+        self.loss_log = LossLog(args.loss_log, dist_info.is_master)
         self.token_bytes = get_token_bytes(device)
 
     def describe(self) -> None:
@@ -165,12 +167,13 @@ class MidStage:
         self.min_val_bpb = self.val_bpb if self.min_val_bpb is None else min(self.min_val_bpb, self.val_bpb)
         print0(f"step {step:05d} | val bpb: {self.val_bpb:.4f}")
         self.wandb_run.log({"step": step, "val/bpb": self.val_bpb})
+        self.loss_log.write(step=step, val_bpb=self.val_bpb)
 
     def save(self, step: int) -> None:
         aux, mc_meta = self.objective.checkpoint_parts()  # MC nets and their config ({} without --mc)
         save_run_checkpoint(self.checkpoint_dir, step, self.model, self.optimizers, self.dist, {
             "user_config": self.user_config, "val_bpb": self.val_bpb, "data": self.source, "start": self.start,
-            "model_tag": self.model_tag, "dataloader_state": gather_objects(self.loader.state_dict(), self.dist.ddp),
+            "model_tag": self.model_tag, "dataloader_state": merge_states(gather_objects(self.loader.state_dict(), self.dist.ddp)),
             "loop_state": {"progress": self.meter.state_dict()}, **mc_meta}, aux_states=aux)
         print0(f"saved checkpoint {self.checkpoint_dir} step {step}")
 
@@ -187,11 +190,12 @@ class MidStage:
 
     # ------------------------------------------------------------------
     def val_bits_per_byte(self) -> float:
-        """Bits per byte over a fixed packed slice of the held-out conversations (the same slice every time)."""
+        """Bits per byte over a fixed packed slice of the held-out conversations: the same slice every time and for
+        any number of processes (one data slot per val batch of the evaluation)."""
         args, dist_info = self.args, self.dist
         steps = eval_steps(args, dist_info.world_size, dist_info.device_type)
         val_loader = PackedConversations(self.val_task, self.tokenizer, args.device_batch_size, args.max_seq_len,
-                                         dist_info.rank, dist_info.world_size, dist_info.device)
+                                         dist_info.rank, dist_info.world_size, dist_info.device, steps)
         self.model.eval()
         with autocast_context(dist_info.device_type):
             bpb = evaluate_bpb(self.train_model, val_loader, steps, self.token_bytes)

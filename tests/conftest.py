@@ -1,7 +1,10 @@
 """Test-session settings shared by every test file, and the helpers several test files use."""
 
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,6 +20,8 @@ torch.set_num_threads(1)
 
 # ---------------------------------------------------------------------------------------- shared test helpers
 # Import them as `from tests.conftest import ...`; test modules never import each other.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORDS = "the cat sat on a mat while thou art more lovely and more temperate rough winds do shake".split()
 
@@ -48,6 +53,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun(module: str, argv: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run -m module -- argv` with nproc CPU processes (gloo), single-threaded, from the
+    repo root and with this process's environment ($NANOCHAT_BASE_DIR included); fails the test with the end of
+    its output when it fails. Returns the finished process (stdout: rank 0 prints)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", module, "--", *argv]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def read_jsonl(path) -> list[dict]:
+    """The records of a JSON-lines file (e.g. a training run's --loss-log)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 def closed_port_url(path: str = "") -> str:

@@ -1,10 +1,6 @@
 """scripts.base_train --mc end to end on a tiny corpus: MC checkpoints, metrics, resume, gloo DDP equivalence."""
 
-import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,12 +8,12 @@ import torch
 from megacontext.nets import has_mc_nets
 from nanochat.checkpoint_manager import load_checkpoint
 from scripts import base_train
+from tests.conftest import read_jsonl, torchrun
 from tests.test_dataloader import make_corpus
 
 TINY_MC = ["--depth=1", "--max-seq-len=32", "--device-batch-size=2", "--total-batch-size=128", "--eval-tokens=128",
            "--core-metric-every=-1", "--sample-every=-1", "--device-type=cpu", "--mc", "--block-size=4",
            "--mc-num-random-variants=2", "--mc-auto-batch=0", "--gistnet-layers=1", "--lensnet-layers=1"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -27,22 +23,17 @@ def corpus(tmp_path, monkeypatch):
     return tmp_path
 
 
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_mc_run_saves_under_its_own_tag_with_nets_and_logs_mc_metrics(corpus, capsys):
     out = base_train.main(TINY_MC + ["--num-iterations=2", "--eval-every=-1", f"--loss-log={corpus / 'log.jsonl'}"])
     assert out["checkpoint_dir"].endswith(os.path.join("base_checkpoints", "d1_mc"))
     _, _, meta, aux = load_checkpoint(out["checkpoint_dir"], 2, "cpu")
     assert has_mc_nets(meta, aux) and meta["mc_config"]["block_size"] == 4 and "mc_trainer" in aux
-    steps = [r for r in read_log(corpus / "log.jsonl") if "loss" in r]
+    steps = [r for r in read_jsonl(corpus / "log.jsonl") if "loss" in r]
     assert len(steps) == 2
     for key in ("mc/token_loss", "mc/lens_loss", "mc/variants_total", "mc/time_controller_ms", "mc/lod1_loss"):
         assert key in steps[0], key
     assert steps[0]["mc/variants_total"] == 2 * 2 * 3  # 2 micro-batches × 2 rows × (2 variants + baseline)
-    evals = [r for r in read_log(corpus / "log.jsonl") if "val_bpb" in r]
+    evals = [r for r in read_jsonl(corpus / "log.jsonl") if "val_bpb" in r]
     assert "mc_val/trunc_loss" in evals[-1] and "mc_val/tail_loss" in evals[-1]
     printed = capsys.readouterr().out
     assert "| mc: " in printed and "ctrl: " in printed
@@ -55,8 +46,8 @@ def test_mc_resume_reproduces_the_uninterrupted_run(corpus):
     resumed = base_train.main(TINY_MC + ["--num-iterations=4", "--resume-from-step=2", "--eval-every=-1",
                                          f"--loss-log={corpus / 'b.jsonl'}"])
     assert resumed["losses"] == pytest.approx(straight["losses"][2:], rel=1e-5, abs=1e-6)
-    a = [r for r in read_log(corpus / "a.jsonl") if "loss" in r][2:]
-    b = [r for r in read_log(corpus / "b.jsonl") if "loss" in r]
+    a = [r for r in read_jsonl(corpus / "a.jsonl") if "loss" in r][2:]
+    b = [r for r in read_jsonl(corpus / "b.jsonl") if "loss" in r]
     for key in ("mc/token_loss", "mc/lens_loss", "mc/tail_loss"):
         assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-5, abs=1e-6), key
 
@@ -70,22 +61,12 @@ def test_mc_auto_batch_prints_the_resulting_batch(corpus, capsys):
     assert out["step"] == 2  # ceil(3 / 2.5): multiplier 1 + (2 variants + baseline) × mean length 0.5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_with_mc_match_one_process_with_accumulation(corpus):
     common = TINY_MC + ["--num-iterations=3", "--eval-every=3", "--total-batch-size=128", "--device-batch-size=2"]
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", "-m", "scripts.base_train", "--", *common, "--model-tag=ddp",
-           f"--loss-log={corpus / 'ddp.jsonl'}"]
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=900)
+    torchrun("scripts.base_train", [*common, "--model-tag=ddp", f"--loss-log={corpus / 'ddp.jsonl'}"], timeout=900)
     base_train.main(common + ["--model-tag=one", f"--loss-log={corpus / 'one.jsonl'}"])
-    ddp, one = read_log(corpus / "ddp.jsonl"), read_log(corpus / "one.jsonl")
+    ddp, one = read_jsonl(corpus / "ddp.jsonl"), read_jsonl(corpus / "one.jsonl")
     assert len(ddp) == len(one)
     for a, b in zip(ddp, one):
         for key in ("loss", "mc/token_loss", "mc/tail_loss", "mc/lens_loss", "val_bpb", "mc_val/tail_loss"):

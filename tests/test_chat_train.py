@@ -117,6 +117,21 @@ def test_packed_stream_covers_every_token_and_resumes(tok):
         assert torch.equal(ex, rx) and torch.equal(ey, ry)
 
 
+def test_packed_slots_give_the_same_global_batches_for_any_split_and_resume_across_it(tok):
+    task = TaskMixture([Identity("train", size=40), Arithmetic("train", size=40)])
+    one = PackedConversations(task, tok, 2, 16, rank=0, world_size=1, device="cpu", grad_accum=2)
+    ranks = [PackedConversations(task, tok, 2, 16, rank=r, world_size=2, device="cpu") for r in range(2)]
+    for _ in range(3):  # steps: one process's micro-steps = the ranks' batches, in rank order
+        for (ox, oy), (rx, ry) in zip([next(one) for _ in range(2)], [next(r) for r in ranks]):
+            assert torch.equal(ox, rx) and torch.equal(oy, ry)
+    state = one.state_dict()
+    resumed = [PackedConversations(task, tok, 2, 16, r, 2, "cpu", state=state) for r in range(2)]
+    for (ox, _), (rx, _) in zip([next(one) for _ in range(2)], [next(r) for r in resumed]):
+        assert torch.equal(ox, rx)
+    with pytest.raises(ValueError, match="2 data slots"):
+        PackedConversations(task, tok, 2, 16, 0, 4, "cpu", state=state)
+
+
 def test_train_step_loss_is_the_token_mean():
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=16, vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
@@ -218,7 +233,7 @@ def test_mid_train_under_torchrun_and_resume(mid_run, env):
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=run_env)
     assert first.returncode == 0, first.stderr[-3000:]
     _, _, meta = load_model("mid", "cpu", model_tag="d1", step=2)
-    assert meta["world_size"] == 2 and len(meta["dataloader_state"]) == 2
+    assert meta["world_size"] == 2 and len(meta["dataloader_state"]["slots"]) == 4  # 2 processes × 2 micro-steps
     again = subprocess.run(cmd + ["--resume-from-step=1"], capture_output=True, text=True, timeout=300, env=run_env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _progress_loss(again.stdout, "00002") == _progress_loss(first.stdout, "00002")

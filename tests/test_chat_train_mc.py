@@ -1,6 +1,8 @@
 """mid_train / chat_sft --mc: continue an MC base checkpoint with its MC nets, start fresh nets from a vanilla one."""
 
+import importlib
 import os
+import shutil
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from megacontext.config import MCConfig
 from megacontext.controller import MCController
 from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
+from tests.conftest import read_jsonl, torchrun
 from tests.test_chat_train import MID_FLAGS, SFT_FLAGS, make_base
 
 MC_FLAGS = ["--mc", "--block-size=4", "--mc-num-random-variants=2", "--gistnet-layers=1", "--lensnet-layers=1"]
@@ -75,3 +78,58 @@ def test_mid_without_mc_is_unchanged(base_dir):
     _, _, meta, aux = load_checkpoint(out["checkpoint_dir"], 1, "cpu")
     assert aux == {} and "mc_config" not in meta and out["checkpoint_dir"].endswith(os.path.join("mid_checkpoints",
                                                                                                   "d1"))
+
+
+# --------------------------------------------------------------------- 2 processes = 1 process × 2 accumulation
+MC_KEYS = ("mc/token_loss", "mc/tail_loss", "mc/trunc_loss", "mc/lens_loss", "mc/variants_total")
+
+
+def two_processes_then_one(base_dir, module: str, phase_dir: str, ddp_flags: list[str], one_flags: list[str]):
+    """Run `module` under torchrun (2 gloo processes, ddp_flags), move its checkpoints aside (both runs save under
+    the tag they load), then in this process (one_flags). Returns (loss-log records, MC aux state, model state) of
+    each: the 2-process run's first."""
+    torchrun(module, [*ddp_flags, f"--loss-log={base_dir / 'ddp.jsonl'}"])
+    shutil.move(base_dir / phase_dir / "d1_mc", base_dir / "ddp_mc")
+    steps = importlib.import_module(module).main([*one_flags, f"--loss-log={base_dir / 'one.jsonl'}"])["step"]
+    out = []
+    for name, ckpt in (("ddp", base_dir / "ddp_mc"), ("one", base_dir / phase_dir / "d1_mc")):
+        model_state, _, _, aux = load_checkpoint(str(ckpt), steps, "cpu")
+        out.append((read_jsonl(base_dir / f"{name}.jsonl"), aux["mc"], model_state))
+    return out
+
+
+def assert_same_runs(ddp, one, keys) -> None:
+    (ddp_log, ddp_mc, ddp_model), (one_log, one_mc, one_model) = ddp, one
+    assert [r["step"] for r in ddp_log] == [r["step"] for r in one_log]
+    assert sum("mc/token_loss" in r for r in one_log) >= 2  # the MC terms really ran (not too short to compress)
+    for a, b in zip(ddp_log, one_log):
+        for key in keys:
+            if key in b:
+                assert a.get(key) == pytest.approx(b[key], rel=1e-4, abs=1e-5), (b["step"], key)
+        assert sorted(a) == sorted(b)
+    for states in ((ddp_mc, one_mc), (ddp_model, one_model)):
+        assert states[0].keys() == states[1].keys()
+        for k in states[1]:
+            torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_mid_mc_two_processes_match_one_process_with_accumulation(base_dir):
+    """--total-batch-size=256 of 2 × 64-token rows: 2 accumulation steps in one process, 1 in each of two."""
+    save_mc_base(base_dir)
+    flags = MID_FLAGS + MC_FLAGS + ["--model-tag=d1_mc", "--num-iterations=3", "--eval-every=2",
+                                    "--eval-tokens=256"]
+    ddp, one = two_processes_then_one(base_dir, "scripts.mid_train", "mid_checkpoints", flags, flags)
+    assert [r["step"] for r in one[0] if "val_bpb" in r] == [0, 2, 3]
+    assert_same_runs(ddp, one, ("loss", "val_bpb", *MC_KEYS))
+
+
+def test_sft_mc_two_processes_match_one_process_with_accumulation(base_dir):
+    """4 conversations per step of 2-row device batches: 2 accumulation steps in one process, 1 in each of two.
+    --eval-steps counts val batches per process, so one process evaluates 2 to see the same conversations."""
+    save_mc_base(base_dir)
+    flags = SFT_FLAGS + MC_FLAGS + ["--source=base", "--model-tag=d1_mc", "--num-iterations=3", "--eval-every=2",
+                                    "--eval-metrics-every=-1"]
+    ddp, one = two_processes_then_one(base_dir, "scripts.chat_sft", "chatsft_checkpoints",
+                                      flags + ["--eval-steps=1"], flags + ["--eval-steps=2"])
+    assert [r["step"] for r in one[0] if "val_bpb" in r] == [0, 2, 3]
+    assert_same_runs(ddp, one, ("loss", "train/supervised_tokens", "val_bpb", *MC_KEYS))

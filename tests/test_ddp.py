@@ -6,22 +6,18 @@ averaged gradient, so per-step losses and the final val bpb agree up to float su
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from scripts import base_train
-from tests.conftest import free_port, make_corpus
+from tests.conftest import make_corpus, read_jsonl, torchrun
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--depth=1", "--max-seq-len=16", "--device-batch-size=2", "--total-batch-size=64", "--num-iterations=4",
           "--eval-every=2", "--eval-tokens=128", "--core-metric-every=-1", "--sample-every=-1", "--device-type=cpu"]
 
 
 def read_log(path):
-    with open(path) as f:
-        records = [json.loads(line) for line in f]
+    records = read_jsonl(path)
     losses = {r["step"]: r["loss"] for r in records if "loss" in r}
     bpbs = {r["step"]: r["val_bpb"] for r in records if "val_bpb" in r}
     return losses, bpbs
@@ -30,12 +26,7 @@ def read_log(path):
 def test_two_processes_match_one_process_with_accumulation(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     make_corpus(tmp_path)
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "scripts.base_train", "--", *COMMON, "--model-tag=ddp",
-           f"--loss-log={tmp_path / 'ddp.jsonl'}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun("scripts.base_train", [*COMMON, "--model-tag=ddp", f"--loss-log={tmp_path / 'ddp.jsonl'}"])
     assert "× 2 processes × 1 accumulation steps" in proc.stdout
     assert proc.stdout.count("step 00004/00004") == 1  # rank 0 prints, rank 1 does not
 
