@@ -113,6 +113,7 @@ def assert_same_runs(ddp, one, keys) -> None:
             torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow  # torchrun
 def test_mid_mc_two_processes_match_one_process_with_accumulation(base_dir):
     """--total-batch-size=256 of 2 × 64-token rows: 2 accumulation steps in one process, 1 in each of two."""
     save_mc_base(base_dir)
@@ -123,6 +124,7 @@ def test_mid_mc_two_processes_match_one_process_with_accumulation(base_dir):
     assert_same_runs(ddp, one, ("loss", "val_bpb", *MC_KEYS))
 
 
+@pytest.mark.slow  # torchrun
 def test_sft_mc_two_processes_match_one_process_with_accumulation(base_dir):
     """4 conversations per step of 2-row device batches: 2 accumulation steps in one process, 1 in each of two.
     --eval-steps counts val batches per process, so one process evaluates 2 to see the same conversations."""
