@@ -89,7 +89,8 @@ def test_mc_lens_loss_weight_scales_the_lens_term():
     for w in (0.0, 10.0):
         ctrl = _controller(mc_lens_loss_weight=w)
         total, vanilla = ctrl(x, y, 0)
-        totals[w] = float((total - vanilla - ctrl.last_parts["variant_loss"]).detach())
+        variant = ctrl.cfg.mc_variant_loss_weight * ctrl.last_parts["variant_loss"]
+        totals[w] = float((total - vanilla - variant).detach())
         lens = float(ctrl.last_parts["lens_loss"].detach())
     assert totals[0.0] == pytest.approx(0.0, abs=1e-6)
     assert totals[10.0] == pytest.approx(10 * lens, rel=1e-4) and lens > 0
