@@ -15,8 +15,9 @@ Per micro-batch (each row of x is one sequence of max_seq_len tokens, y the next
 2. samples `min(--mc_num_random_variants, --mc_max_counterfactuals)` focused variants per row plus a truncation
    baseline, at a target length annealed from 80 % of the sequence to `--mc_train_wc_length` (see variants.py);
 3. runs the GPT on the random variants in one right-padded batch with per-row rotary positions
-   (`--mc_positional`), and on the baselines in a second forward without autograd (they are labels and a
-   yardstick, never trained on; only their tail reaches the vocabulary projection);
+   (`--mc_positional`), and on the baselines in a second forward without autograd (a yardstick, never trained on:
+   only their tail reaches the vocabulary projection, and training measures `TRAIN_BASELINE_ROWS` rows of each
+   micro-batch, validation all of them);
 4. trains on next-token targets of raw entries; compares variants of a row on the shared raw tail (same target
    tokens), and fits LensNet to those measured losses (lens_training.py);
 5. refocuses one sampled WC with the allocator on LensNet's scores to report swap rate and residency.
@@ -53,6 +54,9 @@ from megacontext.wc_inputs import build_wc_batch, next_token_targets, stack_targ
 TRAINER_KEY = "mc_trainer"  # aux-state entry with the LensNet EMAs (resume)
 ADAM_BETAS = (0.8, 0.95)
 MIN_TAIL_MULTIPLE = 4  # sequences shorter than 4 × the shared raw tail leave nothing worth compressing
+# Rows per training micro-batch whose truncation baseline is measured. The baseline is a yardstick (no label, no
+# gradient), so training measures it on a sample for the progress line; `evaluate` measures every row.
+TRAIN_BASELINE_ROWS = 1
 
 
 class VanillaObjective:
@@ -199,13 +203,15 @@ class MCController:
         variant_loss = (per_token * valid).sum() / valid.sum().clamp(min=1)
         var_tail = _masked_mean(per_token.detach(), tail & valid)  # (B*n,) chat data: unsupervised tokens don't count
         t0 = time.perf_counter()
-        trunc_tail = self._baseline_tail_losses([r.baseline for r in rows], trees, y_np)  # (B,)
+        measured = B if not train else min(B, TRAIN_BASELINE_ROWS)
+        trunc_tail = torch.full((B,), float("nan"), device=self.device)  # NaN: not measured (metrics skip the row)
+        trunc_tail[:measured] = self._baseline_tail_losses([r.baseline for r in rows[:measured]], trees[:measured], y_np)
         gpt_time += time.perf_counter() - t0
         tail_loss = torch.cat([var_tail.view(B, n), trunc_tail[:, None]], 1).flatten()  # row b: n random, baseline
         with self.telemetry.span("lens", into=timings):
             lens_out = self._lens_terms(batch, randoms, var_tail, B, n, step)
         ctrl_ms = (time.perf_counter() - t_start - gpt_time) * 1000.0
-        self._record(variant_loss, tail_loss, rows, lens_out, target, B * (n + 1), ctrl_ms)
+        self._record(variant_loss, tail_loss, rows, lens_out, target, B * n + measured, ctrl_ms)
         self.telemetry.emit("mc_timing", {**timings, "step": step, "total_ms": ctrl_ms})
         return {"variant_loss": variant_loss, "lens_loss": lens_out["lens_loss"],
                 "regularisers": lens_out["kl"] + lens_out["budget"], "tail_loss": tail_loss, "target": target,
@@ -213,7 +219,7 @@ class MCController:
 
     @torch.no_grad()
     def _baseline_tail_losses(self, baselines, trees, y_np) -> torch.Tensor:
-        """Float[B] loss of each row's truncation baseline on the shared tail (NaN: no supervised tail token).
+        """Float[len(baselines)] loss of the first rows' truncation baselines on the shared tail (NaN: no supervised tail token).
         A label and a yardstick, never trained on: one forward without autograd, vocabulary projection of the tail
         only. Every baseline has the same length, so the batch has no padding."""
         batch = build_wc_batch(baselines, trees, self.nets, self.model.embed, self.cfg.mc_positional,

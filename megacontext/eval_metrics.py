@@ -111,7 +111,7 @@ TELEMETRY_TARGETS = (
     ("Swap rate", "0.05–0.20", "eval: share of WC entries replaced per LensNet refocus step"),
     ("Residency", "90–100 %", "eval: WC entries used ÷ budget under mc_lens"),
     ("mc/token_loss", "trends down, ≤ baseline loss", "training log (last 50 steps)"),
-    ("mc/variants_total", "= mc_num_random_variants × batch", "training log (last 50 steps)"),
+    ("mc/variants_total", "= variants × batch + one baseline per micro-batch", "training log (last 50 steps)"),
     ("mc/adv_delta_mean", "≈ 0", "training log (last 50 steps)"),
     ("mc/adv_delta_p95", "low", "training log (last 50 steps)"),
     ("mc/preference_corr_mean", "close to −1", "training log (last 50 steps)"),

@@ -5,8 +5,9 @@ Every key of `metric_names(max_level)` is present on every process in the same o
 
 Definitions (all losses in nats per target token):
 - `mc/token_loss`: the random variants' next-token loss over all their raw entries (what the GPT trains on);
-- `mc/tail_loss`, `mc/trunc_loss`: mean loss on the shared raw tail of the random variants / of the truncation
-  baseline (same target tokens, same WC length);
+- `mc/tail_loss`, `mc/trunc_loss`: mean loss on the shared raw tail of the variants / of the truncation
+  baseline (same target tokens, same WC length), over the rows whose baseline was measured (in training the
+  first row of each micro-batch, in validation every row);
 - `mc/lod{k}_loss`: `mc/tail_loss` of the variants whose deepest allowed gist level is k;
 - `mc/adv_delta_mean|p95`: advantage of a variant over the baseline, trunc tail loss − variant tail loss
   (> 0: the gists carry information the truncated window lacks), mean and 95th percentile over variants;
@@ -16,7 +17,7 @@ Definitions (all losses in nats per target token):
 - `mc/lens_loss`: the Bradley–Terry fit (0 = predicted and measured differences agree);
 - `mc/pair_delta_rms`: RMS of the measured tail-loss differences between variants of a row (the scale
   `--mc_lens_temperature` should match; normalised units under `--mc_lens_adv_norm_beta`);
-- `mc/variants_total`: WCs run through the GPT this step (random variants + baselines, all processes);
+- `mc/variants_total`: WCs run through the GPT this step (variants + measured baselines, all processes);
 - `mc/swap_rate`, `mc/residency`: share of a WC's entries the allocator replaces when it refocuses a sampled
   variant with LensNet's scores, and the share it keeps (1 − swap rate);
 - `mc/time_controller_ms`: wall ms of the controller's own work (tree build, sampling, positions, LensNet,

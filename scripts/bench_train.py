@@ -209,7 +209,7 @@ def main(argv=None) -> list[dict]:
           f"{args.steps} timed steps after {args.warmup_steps} warmup, on {name}")
     if args.mc:
         result = bench_mc(args, device)
-        print(f"--mc: {result['variants']} random variant(s) + truncation baseline per row, block size "
+        print(f"--mc: {result['variants']} variant(s) per row + a truncation baseline per micro-batch, block size "
               f"{args.block_size}; target length annealed over the run (run average: Simpson's rule over the points)")
         print(format_mc(result))
         return [result]

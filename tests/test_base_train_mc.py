@@ -32,7 +32,7 @@ def test_mc_run_saves_under_its_own_tag_with_nets_and_logs_mc_metrics(corpus, ca
     assert len(steps) == 2
     for key in ("mc/token_loss", "mc/lens_loss", "mc/variants_total", "mc/time_controller_ms", "mc/lod1_loss"):
         assert key in steps[0], key
-    assert steps[0]["mc/variants_total"] == 2 * 2 * 3  # 2 micro-batches × 2 rows × (2 variants + baseline)
+    assert steps[0]["mc/variants_total"] == 2 * (2 * 2 + 1)  # 2 micro-batches × (2 rows × 2 variants + 1 baseline)
     evals = [r for r in read_jsonl(corpus / "log.jsonl") if "val_bpb" in r]
     assert "mc_val/trunc_loss" in evals[-1] and "mc_val/tail_loss" in evals[-1]
     printed = capsys.readouterr().out

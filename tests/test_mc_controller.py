@@ -69,7 +69,7 @@ def test_variants_and_truncation_baseline_are_run_together():
             assert target - (K - 1) < len(wc) <= target and wc.levels.max() >= 1
             assert (wc.levels[-ctrl.tail:] == 0).all()
     metrics = ctrl.step_metrics()
-    assert metrics["mc/variants_total"] == B * 3
+    assert metrics["mc/variants_total"] == B * 2 + 1  # training measures one row's baseline per micro-batch
     assert {"mc/tail_loss", "mc/trunc_loss", "mc/lod1_loss", "mc/lod2_loss"} <= set(metrics)
 
 
@@ -261,7 +261,7 @@ def test_variant_targets_follow_y_so_chat_masks_apply():
         assert (next_token_targets(wc, y[b].numpy()) == expected).all()
     masked = y.clone()
     masked[0, :] = -1  # row 0 supervises nothing (e.g. a user turn in SFT): no tail labels from it
-    out = ctrl.variant_losses(x, masked, 0, True)
+    out = ctrl.variant_losses(x, masked, 0, False)
     assert torch.isnan(out["tail_loss"][:n]).all() and torch.isfinite(out["tail_loss"][n:]).all()
     total, _ = ctrl(x, masked, 0, reduction="sum")
     total.backward()
@@ -282,7 +282,7 @@ def test_allocator_knobs_shape_the_refocus_report():
 def test_truncation_baseline_is_the_tail_loss_of_the_last_target_tokens_alone():
     ctrl = _controller()
     x, y = _batch()
-    out = ctrl.variant_losses(x, y, step=5, train=True)
+    out = ctrl.variant_losses(x, y, step=5, train=False)
     target, n = out["target"], ctrl.variants_per_row
     model = ctrl.model
     with torch.no_grad():  # the window a vanilla model of `target` tokens sees: positions 0.., nothing before
@@ -290,6 +290,9 @@ def test_truncation_baseline_is_the_tail_loss_of_the_last_target_tokens_alone():
     expected = per_token[:, -ctrl.tail:].mean(1)
     torch.testing.assert_close(out["tail_loss"].view(B, n + 1)[:, n], expected)
     assert not out["tail_loss"].requires_grad
+    trained = ctrl.variant_losses(x, y, step=5, train=True)["tail_loss"].view(B, n + 1)[:, n]  # a sample in training
+    torch.testing.assert_close(trained[:1], expected[:1])
+    assert torch.isnan(trained[1:]).all()
 
 
 @pytest.mark.parametrize("target", [60, 150, 400])
