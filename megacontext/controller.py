@@ -5,7 +5,8 @@ with it) and then only calls it:
 
     loss, lm_loss = objective(x, y, step)     # backward `loss`; log `lm_loss` (the vanilla next-token loss)
     objective.optimizers                      # extra optimizers (with "initial_lr", so LR schedules apply)
-    objective.parameters()                    # extra trainable parameters (gradient averaging, clipping)
+    objective.parameters()                    # extra trainable parameters (gradient averaging)
+    objective.clip_groups()                   # those parameters in groups, each clipped on its own
     objective.end_step()                      # once per optimizer step, after the backward passes
     objective.step_metrics()                  # dict for the progress line / W&B / loss log (all processes)
     objective.checkpoint_parts()              # (aux_states, meta entries) for save_checkpoint
@@ -74,6 +75,9 @@ class VanillaObjective:
     def parameters(self) -> list:
         return []
 
+    def clip_groups(self) -> list:
+        return []
+
     def end_step(self) -> None:
         return None
 
@@ -115,6 +119,13 @@ class MCController:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.nets.parameters() if p.requires_grad]
+
+    def clip_groups(self) -> list[list[torch.nn.Parameter]]:
+        """Parameters clipped together: GistNet with the level embedding (the LM loss trains them), LensNet alone
+        (its own loss), so the scale of one net's loss never changes the other's clipped update."""
+        lens = {id(p) for p in self.nets.lensnet.parameters()}
+        groups = [[p for p in self.parameters() if id(p) not in lens], [p for p in self.parameters() if id(p) in lens]]
+        return [g for g in groups if g]
 
     def target_length(self, step: int, seq_len: int | None = None) -> int:
         T, c = seq_len or self.model.config.sequence_len, self.cfg

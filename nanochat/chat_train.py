@@ -114,11 +114,12 @@ def model_loss_sum(train_model):
 
 
 def train_step(model, optimizers, micro_batches, lrm: float, momentum: float | None, grad_clip: float,
-               device_type: str, loss_sum_fn, extra_params=()) -> tuple[float, float, int]:
+               device_type: str, loss_sum_fn, extra_groups=()) -> tuple[float, float, int]:
     """One optimizer step over this rank's micro-batches [(x, y)], loss = mean over all supervised tokens of all
     ranks (see module doc). `loss_sum_fn(x, y)` returns a micro-batch's loss SUMMED over its supervised tokens
     (`model_loss_sum(train_model)` for a plain GPT), or (objective to backward, loss to report) when training adds
-    terms of its own; `extra_params` are trained alongside the model (averaged and zeroed with it, clipped apart).
+    terms of its own; `extra_groups` (lists of parameters) are trained alongside the model (averaged and zeroed with
+    it, each group clipped on its own).
     Returns (loss, grad norm, supervised tokens over all ranks)."""
     apply_schedules(optimizers, lrm, momentum)
     device = model.get_device()
@@ -134,12 +135,12 @@ def train_step(model, optimizers, micro_batches, lrm: float, momentum: float | N
         objective, loss = out if isinstance(out, tuple) else (out, out)
         loss_sum += loss.detach().float()
         (objective * (world / total)).backward()
-    params = list(model.parameters()) + list(extra_params)
+    params = list(model.parameters()) + [p for group in extra_groups for p in group]
     all_reduce_gradients(params)
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    if extra_params:
-        torch.nn.utils.clip_grad_norm_(list(extra_params), max_norm)  # clipped on their own: the model's as before
+    for group in extra_groups:  # clipped on their own: the model's clipping is as without them
+        torch.nn.utils.clip_grad_norm_(list(group), max_norm)
     for opt in optimizers:
         opt.step()
     for p in params:

@@ -386,8 +386,8 @@ def train_step(args, step: int, run: Run) -> StepResult:
     run.objective.end_step()
     clip = args.grad_clip if args.grad_clip > 0 else float("inf")  # inf: measure the norm, clip nothing
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)  # as without --mc
-    if run.objective.parameters():
-        torch.nn.utils.clip_grad_norm_(run.objective.parameters(), clip)  # the MC nets on their own
+    for group in run.objective.clip_groups():  # each MC net on its own
+        torch.nn.utils.clip_grad_norm_(group, clip)
     for opt in run.optimizers:
         opt.step()
     for p in run.params:

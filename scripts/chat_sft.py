@@ -161,7 +161,7 @@ class SFTStage:
         loss, grad_norm, supervised = train_step(self.model, self.optimizers, micro, lrm, None, self.args.grad_clip,
                                                  self.dist.device_type,
                                                  lambda x, y: self.objective(x, y, step, reduction="sum"),
-                                                 self.objective.parameters())
+                                                 self.objective.clip_groups())
         self.objective.end_step()
         mc = self.objective.step_metrics()  # {} without --mc
         computed = sum(x.numel() for x, _ in micro) * self.dist.world_size  # positions computed, padding included

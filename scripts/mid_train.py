@@ -183,7 +183,7 @@ class MidStage:
         loss, grad_norm, _ = train_step(self.model, self.optimizers, batches, lrm, muon_momentum(step),
                                         self.args.grad_clip, self.dist.device_type,
                                         lambda x, y: self.objective(x, y, step, reduction="sum"),
-                                        self.objective.parameters())
+                                        self.objective.clip_groups())
         self.objective.end_step()
         mc = self.objective.step_metrics()  # {} without --mc
         return StepResult(loss, lrm, grad_norm, epoch=round(self.loader.epoch, 2), logs=mc, note=progress_note(mc))

@@ -313,3 +313,20 @@ def test_focused_variants_are_the_recency_staircase_with_a_few_same_length_swaps
     for i, lod in enumerate(plain):
         assert np.array_equal(row.random[i].levels, recency_wc(T_, K_, lod, target, R).levels)
     assert len({tuple(w.levels.tolist()) + tuple(w.indices.tolist()) for w in row.random}) == 4
+
+
+def test_lensnet_is_clipped_apart_so_its_loss_scale_never_changes_gistnets_update():
+    x, y = _batch()
+    clipped = []
+    for w in (0.1, 100.0):
+        ctrl = _controller(mc_lens_loss_weight=w)
+        total, _ = ctrl(x, y, 3)
+        total.backward()
+        groups = ctrl.clip_groups()
+        assert sorted(map(id, ctrl.parameters())) == sorted(id(p) for g in groups for p in g)
+        assert {id(p) for p in ctrl.nets.lensnet.parameters()} == {id(p) for p in groups[1]}
+        for g in groups:
+            torch.nn.utils.clip_grad_norm_(g, 1e-3)  # both clipped hard: only the groups' split decides
+        clipped.append([p.grad.clone() for p in ctrl.nets.gistnet.parameters() if p.grad is not None])
+    for a, b in zip(*clipped):
+        torch.testing.assert_close(a, b)
