@@ -79,7 +79,8 @@ class MCConfig:
     # Weight of the variants' next-token loss. GistNet and the level embedding train with AdamW, whose steps do not
     # depend on the gradient's scale, so this sets how hard the shared GPT is pulled toward reading gists (away
     # from its full-window objective), not how fast the MC nets learn. Measured on a 300-step CPU base run (d4,
-    # T=512, K=8, 4 variants, same tokens and seed as vanilla): val bpb +0.033 over vanilla at 1.0, +0.001 at 0.25.
+    # T=512, K=8, 4 variants, same tokens and seed as vanilla): val bpb +0.033 over vanilla at 1.0; -0.001 to +0.008
+    # over four runs at 0.25.
     mc_variant_loss_weight: float = 0.25
     # Bradley-Terry scale in nats, set to the measured RMS of tail-loss differences between random variants of a row
     # (`mc/pair_delta_rms`): 0.006 -> 0.02 over a 150-step CPU --mc base run (d4, T=512, K=8; 0.034 on val at the
