@@ -15,7 +15,7 @@ Per micro-batch (each row of x is one sequence of max_seq_len tokens, y the next
 1. builds every row's gist tree at once, with gradient, one GistNet call per level;
 2. samples `min(--mc_num_random_variants, --mc_max_counterfactuals)` focused variants per row plus a truncation
    baseline, at a target length annealed from 80 % of the sequence to `--mc_train_wc_length` (see variants.py);
-3. runs the GPT on the random variants in one right-padded batch with per-row rotary positions
+3. runs the GPT on the variants in one right-padded batch with per-row rotary positions
    (`--mc_positional`), and on the baselines in a second forward without autograd (a yardstick, never trained on:
    only their tail reaches the vocabulary projection, and training measures `TRAIN_BASELINE_ROWS` rows of each
    micro-batch, validation all of them);
@@ -23,8 +23,7 @@ Per micro-batch (each row of x is one sequence of max_seq_len tokens, y the next
    tokens), and fits LensNet to those measured losses (lens_training.py);
 5. refocuses one sampled WC with the allocator on LensNet's scores to report swap rate and residency.
 Objective: vanilla full-sequence loss + `--mc_variant_loss_weight` × MC variant loss + `--mc_lens_loss_weight` ×
-lens loss (+ the weighted
-LensNet regularisers). It returns data and never prints; telemetry events go to the provider it was given.
+lens loss (+ the weighted LensNet regularisers). It returns data and never prints; telemetry events go to the provider it was given.
 Trees are built in RAM whatever `--mc_tree` says: they hold the autograd graph back to GistNet and live for one
 micro-batch. `--mc_tree` is recorded with the nets and chooses the store of inference sessions.
 """
@@ -124,7 +123,8 @@ class MCController:
         """Parameters clipped together: GistNet with the level embedding (the LM loss trains them), LensNet alone
         (its own loss), so the scale of one net's loss never changes the other's clipped update."""
         lens = {id(p) for p in self.nets.lensnet.parameters()}
-        groups = [[p for p in self.parameters() if id(p) not in lens], [p for p in self.parameters() if id(p) in lens]]
+        params = self.parameters()
+        groups = [[p for p in params if id(p) not in lens], [p for p in params if id(p) in lens]]
         return [g for g in groups if g]
 
     def target_length(self, step: int, seq_len: int | None = None) -> int:
@@ -140,7 +140,9 @@ class MCController:
         if x.shape[1] < MIN_TAIL_MULTIPLE * self.tail:  # too short to compress (short chat batches): vanilla only
             return vanilla, vanilla
         out = self.variant_losses(x, y, step, train=True)
-        extra = self.cfg.mc_variant_loss_weight * out["variant_loss"] + self.cfg.mc_lens_loss_weight * out["lens_loss"] + out["regularisers"]
+        c = self.cfg
+        extra = c.mc_variant_loss_weight * out["variant_loss"] + c.mc_lens_loss_weight * out["lens_loss"] \
+            + out["regularisers"]
         total = vanilla + (extra * (y >= 0).sum() if reduction == "sum" else extra)
         self.last_parts = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
         return total, vanilla
@@ -191,21 +193,21 @@ class MCController:
         B, T = x.shape
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
-        with self.telemetry.span("build", into=timings), self._aux_precision():
+        with self.telemetry.span("build", into=timings), self.aux_precision():
             trees = self._build_trees(x)
         target = self.target_length(step, T)
         x_np, y_np = x.cpu().numpy(), y.cpu().numpy()
         rows = [sample_row_variants(x_np[b], self.variants_per_row, target, K, L, self.tail, step, self.seed)
                 for b in range(B)]
         n = self.variants_per_row
-        randoms = [wc for r in rows for wc in r.random]  # row b: its n variants
+        variants = [wc for r in rows for wc in r.focused]  # row b: its n variants
         with self.telemetry.span("positional", into=timings):
-            batch = build_wc_batch(randoms, [trees[b] for b in range(B) for _ in range(n)], self.nets,
+            batch = build_wc_batch(variants, [trees[b] for b in range(B) for _ in range(n)], self.nets,
                                    self.model.embed, c.mc_positional, self.model.config.head_dim, self.device)
             W = batch.embeds.shape[1]
-            targets = stack_targets([next_token_targets(wc, y_np[i // n]) for i, wc in enumerate(randoms)], W,
+            targets = stack_targets([next_token_targets(wc, y_np[i // n]) for i, wc in enumerate(variants)], W,
                                     self.device)
-            tail = torch.from_numpy(shared_tail_mask([len(wc) for wc in randoms], W, self.tail)).to(self.device)
+            tail = torch.from_numpy(shared_tail_mask([len(wc) for wc in variants], W, self.tail)).to(self.device)
         gpt_time = time.perf_counter()
         per_token = self.model(inputs_embeds=batch.embeds, rotary=batch.rotary, targets=targets,
                                loss_reduction="none").float()  # (B*n, W)
@@ -216,22 +218,23 @@ class MCController:
         t0 = time.perf_counter()
         measured = B if not train else min(B, TRAIN_BASELINE_ROWS)
         trunc_tail = torch.full((B,), float("nan"), device=self.device)  # NaN: not measured (metrics skip the row)
-        trunc_tail[:measured] = self._baseline_tail_losses([r.baseline for r in rows[:measured]], trees[:measured], y_np)
+        trunc_tail[:measured] = self._baseline_tail_losses([r.baseline for r in rows[:measured]], trees[:measured],
+                                                           y_np)
         gpt_time += time.perf_counter() - t0
-        tail_loss = torch.cat([var_tail.view(B, n), trunc_tail[:, None]], 1).flatten()  # row b: n random, baseline
+        tail_loss = torch.cat([var_tail.view(B, n), trunc_tail[:, None]], 1).flatten()  # row b: n variants, baseline
         with self.telemetry.span("lens", into=timings):
-            lens_out = self._lens_terms(batch, randoms, var_tail, B, n, step)
+            lens_out = self._lens_terms(batch, variants, var_tail, B, n, step)
         ctrl_ms = (time.perf_counter() - t_start - gpt_time) * 1000.0
         self._record(variant_loss, tail_loss, rows, lens_out, target, B * n + measured, ctrl_ms)
         self.telemetry.emit("mc_timing", {**timings, "step": step, "total_ms": ctrl_ms})
         return {"variant_loss": variant_loss, "lens_loss": lens_out["lens_loss"],
                 "regularisers": lens_out["kl"] + lens_out["budget"], "tail_loss": tail_loss, "target": target,
-                "wcs": [wc for r in rows for wc in (*r.random, r.baseline)]}
+                "wcs": [wc for r in rows for wc in (*r.focused, r.baseline)]}
 
     @torch.no_grad()
     def _baseline_tail_losses(self, baselines, trees, y_np) -> torch.Tensor:
-        """Float[len(baselines)] loss of the first rows' truncation baselines on the shared tail (NaN: no supervised tail token).
-        A label and a yardstick, never trained on: one forward without autograd, vocabulary projection of the tail
+        """Float[len(baselines)] loss of the first rows' truncation baselines on the shared tail (NaN: no supervised
+        tail token). A yardstick, never trained on: one forward without autograd, vocabulary projection of the tail
         only. Every baseline has the same length, so the batch has no padding."""
         batch = build_wc_batch(baselines, trees, self.nets, self.model.embed, self.cfg.mc_positional,
                                self.model.config.head_dim, self.device)
@@ -250,8 +253,8 @@ class MCController:
                                 self.model.embed, self.nets.gist) for b in range(x.shape[0])]
 
     def _lens_terms(self, batch, wcs, var_tail, B, n, step) -> dict:
-        """LensNet's scores on the random variants and its fit to their measured tail losses (Float[B*n])."""
-        with self._aux_precision():
+        """LensNet's scores on the variants and its fit to their measured tail losses (Float[B*n])."""
+        with self.aux_precision():
             scores = self.nets.lensnet(batch.embeds.detach(), batch.levels, batch.indices, batch.mask).float()
         kl, budget = self.lens.regularisers(scores, batch.mask)
         # labels: variants whose shared tail has supervised tokens (all of them in pretraining)
@@ -291,7 +294,7 @@ class MCController:
 
     def _record(self, variant_loss, tail_loss, rows, lens_out, target, num_wcs, ctrl_ms) -> None:
         m, n = self.metrics, self.variants_per_row
-        tl = tail_loss.view(-1, n + 1)  # (B, n + 1): random variants, then the baseline
+        tl = tail_loss.view(-1, n + 1)  # (B, n + 1): variants, then the baseline
         var_tail, trunc_tail = tl[:, :n], tl[:, n]
         adv = trunc_tail[:, None] - var_tail  # (B, n); NaN for rows without supervised tail tokens
         ok = torch.isfinite(adv)
@@ -315,7 +318,7 @@ class MCController:
         m.add("mc/variants_total", num_wcs)
         m.add("mc/time_controller_ms", ctrl_ms)
 
-    def _aux_precision(self):
+    def aux_precision(self):
         """GistNet / LensNet compute dtype (--mc_aux_dtype): bf16 autocast, or fp32 with autocast off."""
         dev = self.device.type
         if self.aux_dtype == torch.bfloat16:

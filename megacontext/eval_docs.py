@@ -12,12 +12,12 @@ A `RecallCase` is token ids `text_ids + answer_ids`; the model recalls it when g
 gives `answer_ids` exactly, i.e. every answer token is the argmax of the logits at the position before it.
 """
 
-import json
 import random
 from dataclasses import dataclass
 
 import numpy as np
 
+from nanochat.common import iter_jsonl
 from nanochat.recall_docs import KINDS, make_recall_doc
 
 
@@ -103,24 +103,15 @@ def load_recall_file(path: str, tokenizer) -> list[RecallCase]:
     """`--recall-file`: one JSON object per line with string fields "text" and "answer" (blank lines skipped)."""
     bos = tokenizer.get_bos_token_id()
     cases = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be "
-                                 '{"text": "...", "answer": "..."}') from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not isinstance(obj.get("answer"), str):
-                raise ValueError(f"{where}: each line must be an object with string fields \"text\" and \"answer\"")
-            if not obj["answer"]:
-                raise ValueError(f"{where}: \"answer\" is empty; give the text the model must produce")
-            text_ids = tokenizer.encode(obj["text"], prepend=bos)
-            answer_ids = tokenizer.encode(obj["answer"])
-            cases.append(RecallCase(np.asarray(text_ids + answer_ids, dtype=np.int64), len(answer_ids), "file",
-                                    len(text_ids)))
+    for where, obj in iter_jsonl(path, expected='each line must be {"text": "...", "answer": "..."}'):
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not isinstance(obj.get("answer"), str):
+            raise ValueError(f"{where}: each line must be an object with string fields \"text\" and \"answer\"")
+        if not obj["answer"]:
+            raise ValueError(f"{where}: \"answer\" is empty; give the text the model must produce")
+        text_ids = tokenizer.encode(obj["text"], prepend=bos)
+        answer_ids = tokenizer.encode(obj["answer"])
+        cases.append(RecallCase(np.asarray(text_ids + answer_ids, dtype=np.int64), len(answer_ids), "file",
+                                len(text_ids)))
     if not cases:
         raise ValueError(f"{path} holds no recall cases; write one {{\"text\": ..., \"answer\": ...}} per line")
     return cases

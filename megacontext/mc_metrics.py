@@ -4,7 +4,7 @@ Every key of `metric_names(max_level)` is present on every process in the same o
 (sum, count) vector gives the global-batch value of each; a key with no data this step is left out of the result.
 
 Definitions (all losses in nats per target token):
-- `mc/token_loss`: the random variants' next-token loss over all their raw entries (what the GPT trains on);
+- `mc/token_loss`: the variants' next-token loss over all their raw entries (what the GPT trains on);
 - `mc/tail_loss`, `mc/trunc_loss`: mean loss on the shared raw tail of the variants / of the truncation
   baseline (same target tokens, same WC length), over the rows whose baseline was measured (in training the
   first row of each micro-batch, in validation every row);

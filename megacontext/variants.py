@@ -1,10 +1,10 @@
-"""Which working contexts a training sequence is scored under: random compressions plus a truncation baseline.
+"""Which working contexts a training sequence is scored under: focused compressions plus a truncation baseline.
 
 For one row of `max_seq_len` tokens (the history) the controller scores:
 - `n` focused variants at the current target length, the recent tail raw in all of them: the recency staircase
   (raw tokens at the cursor, then level-1 gists, then coarser ones: the shape the focus allocator gives a WC at
-  inference), plain for the first variant of each gist level and with 1 to `MAX_SWAPS` random swaps for the rest, each collapsing one random sibling group and expanding one random
-  gist, so the length stays the same. Variants of a row differ in a few nodes, so their measured loss differences
+  inference), plain for the first variant of each gist level and with 1 to `MAX_SWAPS` random swaps for the rest,
+  each collapsing one random sibling group and expanding one random gist, so the length stays the same. Variants of a row differ in a few nodes, so their measured loss differences
   are clean labels of those nodes' utility for LensNet, around the working point the allocator operates at. (Cuts
   drawn uniformly at random differ in dozens of nodes, mostly far from the cursor: their differences are mostly
   noise, and they throw away recent raw tokens that no focused WC would drop.) Variant i may use gist levels up to
@@ -64,9 +64,9 @@ def truncation_wc(num_tokens: int, length: int, block_size: int) -> WorkingConte
 
 @dataclass
 class RowVariants:
-    """The WCs of one row: `random[i]` uses levels up to `max_levels[i]`; `baseline` is the truncation WC."""
+    """The WCs of one row: `focused[i]` uses levels up to `max_levels[i]`; `baseline` is the truncation WC."""
 
-    random: list[WorkingContext]
+    focused: list[WorkingContext]
     max_levels: list[int]
     baseline: WorkingContext
 

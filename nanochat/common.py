@@ -170,6 +170,20 @@ def read_json(path: str):
         return json.load(f)
 
 
+def iter_jsonl(path: str, expected: str = ""):
+    """(where, value) for each non-blank line of a JSON-lines file, where = "path:line". A line that is not JSON
+    raises ValueError naming it, followed by `expected` (what a line should look like) when given."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})" + (f"; {expected}" if expected else "")) from None
+
+
 ATOMIC_TEMP_PREFIX = ".tmp-"  # atomic_open's temp files: ATOMIC_TEMP_PREFIX + random + the final file name
 
 

@@ -21,7 +21,6 @@ is there. `nanochat.core_offline` writes its generated tasks in this same layout
 
 import argparse
 import csv
-import json
 import os
 import shutil
 import tempfile
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from nanochat.common import ATOMIC_TEMP_PREFIX, add_flag, get_base_dir
+from nanochat.common import ATOMIC_TEMP_PREFIX, add_flag, get_base_dir, iter_jsonl
 from nanochat.download import RetryableError, fetch, head_reachable
 
 DEFAULT_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -157,17 +156,9 @@ def _check_example(example, task: CoreTask, where: str) -> None:
 def load_examples(task: CoreTask) -> list[dict]:
     """Every example of a task, in file order; a malformed line is an error naming file and line."""
     examples = []
-    with open(task.data_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{task.data_path}:{lineno}"
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e})") from e
-            _check_example(example, task, where)
-            examples.append(example)
+    for where, example in iter_jsonl(task.data_path):
+        _check_example(example, task, where)
+        examples.append(example)
     if not examples:
         raise ValueError(f"task {task.label!r}: {task.data_path} holds no examples")
     return examples

@@ -13,12 +13,12 @@ time, and each mode's ratio to the first.
     python -m scripts.bench_train --mc --depth=4 --max-seq-len=512 --device-batch-size=4 --block-size=8
 
 With --mc it instead compares a vanilla training step with an --mc step (MegaContext controller, --mc_* knobs as in
-training; 1 random variant unless --mc_num_random_variants says otherwise) on the same batch, alternating
+training; 1 variant unless --mc_num_random_variants says otherwise) on the same batch, alternating
 vanilla / MC steps so load changes on a shared machine hit both alike. The variants' length anneals over a run
 (80 % of the sequence down to --mc_train_wc_length), and so does their cost, so it measures at the start, middle and
 end of the anneal. Per point and for the run average it prints the cost per training token of --mc ÷ vanilla
 (target: <= 1.5x) and the controller's share of the MC step (tree build, sampling, positions, LensNet, allocator;
-target: <= 10 %), plus the cost per position the GPT trains on (vanilla rows and random variants).
+target: <= 10 %), plus the cost per position the GPT trains on (vanilla rows and variants).
 """
 
 import argparse
@@ -147,18 +147,17 @@ def bench_mc(args, device: torch.device) -> dict:
             vanilla.append(step(None))
             mc.append(step(mc_step))
             ctrl_ms.append(ctrl.step_metrics()["mc/time_controller_ms"])
-        v, m = statistics.median(vanilla), statistics.median(mc)
+        v, m, c = statistics.median(vanilla), statistics.median(mc), statistics.median(ctrl_ms)
         target = ctrl.target_length(mc_step)
         positions = B * T + B * ctrl.variants_per_row * target  # positions the GPT trains on (baselines aside)
         points.append({"progress": progress, "target": target, "vanilla_ms": v * 1e3, "mc_ms": m * 1e3,
-                       "ratio": m / v, "controller_ms": statistics.median(ctrl_ms),
-                       "controller_share": statistics.median(ctrl_ms) / (m * 1e3),
+                       "ratio": m / v, "controller_ms": c, "controller_share": c / (m * 1e3),
                        "ratio_per_position": (m / positions) / (v / (B * T))})
     run = {k: sum(w * p[k] for w, p in zip(SIMPSON, points)) for k in ("vanilla_ms", "mc_ms", "controller_ms")}
 
     def gistnet_step() -> float:  # GistNet's forward and backward over the batch: the part no variant length changes
         t0 = time.perf_counter()
-        with autocast_context(device.type), ctrl._aux_precision():
+        with autocast_context(device.type), ctrl.aux_precision():
             levels = build_gist_levels(model.embed(x), ctrl.nets.gist, ctrl.cfg.block_size, ctrl.cfg.mc_max_lod)
         sum(g.float().sum() for g in levels).backward()
         ctrl.nets.zero_grad(set_to_none=True)
