@@ -161,7 +161,9 @@ class PretrainLoader:
         self.num_slots = world_size * grad_accum
         self.slots = list(range(rank * grad_accum, (rank + 1) * grad_accum))
         slot_states = self._slot_states(state)
-        mix = RecallMixer(recall_mix) if recall_mix > 0 else None  # synthetic recall documents (--recall-mix)
+        mix = None
+        if recall_mix > 0:  # synthetic recall documents (--recall-mix), each short enough for one row
+            mix = RecallMixer(recall_mix, seq_len, lambda text: len(tokenizer.encode(text)))
         self.streams = [TokenStream(tokenizer, split, s, self.num_slots, loop=True, state=slot_states[s],
                                     tokenizer_threads=tokenizer_threads, mix=mix) for s in self.slots]
         self.micro_step = 0 if state is None else state["micro_step"]

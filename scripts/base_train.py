@@ -112,8 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "--loss-log", default=None, help="append one JSON line per step (loss, lrm, dt) and eval to PATH")
     add_mc_args(p)
     add_flag(p, "--recall-mix", type=float, default=0.0,
-             help="fraction of training documents replaced by synthetic passkey / associative-recall documents "
-                  "built on them (teaches long-range recall; 0: off)")
+             help="fraction of the training text, in pieces of 1/8 to 1/2 of --max-seq-len, turned into synthetic "
+                  "passkey / associative-recall documents built on those pieces (teaches long-range recall; 0: off)")
     argv = strip_separator(argv)  # `torchrun ... -m scripts.X -- --flags`
     args = p.parse_args(argv)
     for name in ("depth", "max_seq_len", "device_batch_size", "total_batch_size"):

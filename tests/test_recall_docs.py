@@ -2,6 +2,7 @@
 
 import os
 import random
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,17 +34,36 @@ def test_bad_recall_arguments_are_refused():
     with pytest.raises(ValueError, match="position"):
         make_recall_doc(random.Random(0), FILLER, "passkey", 1.5)
     with pytest.raises(ValueError, match="--recall-mix"):
-        RecallMixer(1.5)
+        RecallMixer(1.5, 512, len)
+    with pytest.raises(ValueError, match="--max-seq-len"):
+        RecallMixer(0.5, 64, len)
 
 
-def test_recall_mixer_is_deterministic_and_mixes_the_asked_fraction():
-    texts = [f"Document {i}. It has a few sentences. Nothing else happens here." for i in range(400)]
-    a, b = RecallMixer(0.25, seed=3)(texts), RecallMixer(0.25, seed=3)(texts)
+def words(text: str) -> int:
+    return len(text.split())
+
+
+PLAY = " ".join(f"Line {i} of the play is spoken here by someone on the stage." for i in range(3000))  # ~36k words
+
+
+def test_recall_mixer_is_deterministic_and_mixes_the_asked_fraction_of_pieces():
+    texts = [PLAY, "A short note. It ends here."]
+    a, b = RecallMixer(0.25, 512, words, seed=3)(texts), RecallMixer(0.25, 512, words, seed=3)(texts)
     assert a == b
-    mixed = [x for x, y in zip(a, texts) if x != y]
-    assert 60 < len(mixed) < 140
-    assert all(("pass key" in x or "locker code" in x) for x in mixed)
-    assert RecallMixer(0.0)(texts) is texts
+    recall = [t for t in a if "pass key" in t or "locker code" in t]
+    pieces = 3000 * 12 / ((512 / 8 + 512 / 2) / 2)  # words of the play / mean piece length
+    assert 0.15 * pieces < len(recall) < 0.35 * pieces
+    assert RecallMixer(0.0, 512, words)(texts) is texts
+
+
+def test_recall_documents_fit_one_row_and_the_rest_of_the_text_is_kept():
+    mixed = RecallMixer(0.5, 256, words, seed=1)([PLAY])
+    recall = [t for t in mixed if "pass key" in t or "locker code" in t]
+    assert recall and all(words(t) <= 256 for t in recall)
+    assert max(words(t) for t in recall) > 256 / 4  # pieces up to half the window, plus fact and question
+    # every line of the play is still there, in order, in the recall documents or the plain text between them
+    lines = [m for t in mixed for m in re.findall(r"Line (\d+) of", t)]
+    assert lines == [str(i) for i in range(3000)]
 
 
 def test_pretraining_rows_carry_recall_documents_with_the_flag(tmp_path, monkeypatch):
@@ -55,13 +75,14 @@ def test_pretraining_rows_carry_recall_documents_with_the_flag(tmp_path, monkeyp
                        row_group_size=4)
     tokenizer = Tokenizer.train_from_iterator(iter(docs), 300)
 
-    def text_of(mix: float) -> str:
-        loader = PretrainLoader(tokenizer, batch_size=4, seq_len=64, device="cpu", recall_mix=mix)
-        return "".join(tokenizer.decode(row.tolist()) for row in next(loader)[0])
+    def rows_of(mix: float) -> list[str]:
+        loader = PretrainLoader(tokenizer, batch_size=4, seq_len=128, device="cpu", recall_mix=mix)
+        return [tokenizer.decode(row.tolist()) for row in next(loader)[0]]
 
-    assert "pass key" not in text_of(0.0) and "locker code" not in text_of(0.0)
-    mixed = text_of(1.0)
-    assert "pass key" in mixed or "locker code" in mixed
+    assert not any("pass key" in r or "locker code" in r for r in rows_of(0.0))
+    # some row holds a whole recall document: the fact, the question and the answer after it
+    answered = [re.search(r"(is|It is) (\d{5})\.", r) for r in rows_of(1.0)]
+    assert any(m and r.count(m.group(2)) == 2 for m, r in zip(answered, rows_of(1.0)))
 
 
 def test_midtraining_recall_task_is_deterministic_and_checks_the_key():
