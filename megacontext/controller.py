@@ -19,8 +19,9 @@ Per micro-batch (each row of x is one sequence of max_seq_len tokens, y the next
    (`--mc_positional`), and on the baselines in a second forward without autograd (a yardstick, never trained on:
    only their tail reaches the vocabulary projection, and training measures `TRAIN_BASELINE_ROWS` rows of each
    micro-batch, validation all of them);
-4. trains on next-token targets of raw entries; compares variants of a row on the shared raw tail (same target
-   tokens), and fits LensNet to those measured losses (lens_training.py);
+4. trains on next-token targets of raw entries; compares variants of a row on their shared raw tail (the longest
+   run of final tokens raw in all of them: same target tokens, and more of them than the recent tokens alone, so
+   the labels are less noisy), and fits LensNet to those measured losses (lens_training.py);
 5. refocuses one sampled WC with the allocator on LensNet's scores to report swap rate and residency.
 Objective: vanilla full-sequence loss + `--mc_variant_loss_weight` × MC variant loss + `--mc_lens_loss_weight` ×
 lens loss (+ the weighted LensNet regularisers). It returns data and never prints; telemetry events go to the provider it was given.
@@ -45,6 +46,7 @@ from megacontext.telemetry import NoOpTelemetry, TelemetryProvider
 from megacontext.tree import MegaContextTree, RamTreeStore, build_gist_levels
 from megacontext.variants import (
     sample_row_variants,
+    shared_raw_tail,
     shared_tail_mask,
     target_wc_length,
     wc_length_fraction,
@@ -53,7 +55,7 @@ from megacontext.wc_inputs import build_wc_batch, next_token_targets, stack_targ
 
 TRAINER_KEY = "mc_trainer"  # aux-state entry with the LensNet EMAs (resume)
 ADAM_BETAS = (0.8, 0.95)
-MIN_TAIL_MULTIPLE = 4  # sequences shorter than 4 × the shared raw tail leave nothing worth compressing
+MIN_TAIL_MULTIPLE = 4  # sequences shorter than 4 × the recent raw tail leave nothing worth compressing
 # Rows per training micro-batch whose truncation baseline is measured. The baseline is a yardstick (no label, no
 # gradient), so training measures it on a sample for the progress line; `evaluate` measures every row.
 TRAIN_BASELINE_ROWS = 1
@@ -101,7 +103,7 @@ class MCController:
         self.device = model.get_device()
         self.nets = MCNets.for_model(self.cfg, model)
         self.aux_dtype = self.cfg.resolve_aux_dtype(self.device.type)
-        self.tail = max(self.cfg.recent_tokens, self.cfg.block_size)  # raw in every variant: the compared tokens
+        self.tail = max(self.cfg.recent_tokens, self.cfg.block_size)  # raw in every variant (the shortest shared tail)
         c = self.cfg
         self.lens = LensObjective(c.mc_lens_temperature, c.mc_lens_adv_norm_beta, c.mc_lens_hard_negative_ratio,
                                   c.mc_lens_kl_weight, c.mc_lens_budget_smooth_weight, c.mc_lens_budget_smooth_beta)
@@ -201,13 +203,15 @@ class MCController:
                 for b in range(B)]
         n = self.variants_per_row
         variants = [wc for r in rows for wc in r.focused]  # row b: its n variants
+        tails = [shared_raw_tail(r.focused) for r in rows]  # per row: the target tokens its variants are compared on
         with self.telemetry.span("positional", into=timings):
             batch = build_wc_batch(variants, [trees[b] for b in range(B) for _ in range(n)], self.nets,
                                    self.model.embed, c.mc_positional, self.model.config.head_dim, self.device)
             W = batch.embeds.shape[1]
             targets = stack_targets([next_token_targets(wc, y_np[i // n]) for i, wc in enumerate(variants)], W,
                                     self.device)
-            tail = torch.from_numpy(shared_tail_mask([len(wc) for wc in variants], W, self.tail)).to(self.device)
+            tail = torch.from_numpy(shared_tail_mask([len(wc) for wc in variants], W,
+                                                     [t for t in tails for _ in range(n)])).to(self.device)
         gpt_time = time.perf_counter()
         per_token = self.model(inputs_embeds=batch.embeds, rotary=batch.rotary, targets=targets,
                                loss_reduction="none").float()  # (B*n, W)
@@ -219,30 +223,33 @@ class MCController:
         measured = B if not train else min(B, TRAIN_BASELINE_ROWS)
         trunc_tail = torch.full((B,), float("nan"), device=self.device)  # NaN: not measured (metrics skip the row)
         trunc_tail[:measured] = self._baseline_tail_losses([r.baseline for r in rows[:measured]], trees[:measured],
-                                                           y_np)
+                                                           y_np, tails[:measured])
         gpt_time += time.perf_counter() - t0
         tail_loss = torch.cat([var_tail.view(B, n), trunc_tail[:, None]], 1).flatten()  # row b: n variants, baseline
         with self.telemetry.span("lens", into=timings):
             lens_out = self._lens_terms(batch, variants, var_tail, B, n, step)
         ctrl_ms = (time.perf_counter() - t_start - gpt_time) * 1000.0
         self._record(variant_loss, tail_loss, rows, lens_out, target, B * n + measured, ctrl_ms)
+        self.metrics.add("mc/shared_tail_tokens", float(np.mean(tails)))
         self.telemetry.emit("mc_timing", {**timings, "step": step, "total_ms": ctrl_ms})
         return {"variant_loss": variant_loss, "lens_loss": lens_out["lens_loss"],
                 "regularisers": lens_out["kl"] + lens_out["budget"], "tail_loss": tail_loss, "target": target,
                 "wcs": [wc for r in rows for wc in (*r.focused, r.baseline)]}
 
     @torch.no_grad()
-    def _baseline_tail_losses(self, baselines, trees, y_np) -> torch.Tensor:
-        """Float[len(baselines)] loss of the first rows' truncation baselines on the shared tail (NaN: no supervised
-        tail token). A yardstick, never trained on: one forward without autograd, vocabulary projection of the tail
-        only. Every baseline has the same length, so the batch has no padding."""
+    def _baseline_tail_losses(self, baselines, trees, y_np, tails: list[int]) -> torch.Tensor:
+        """Float[len(baselines)] loss of the first rows' truncation baselines on their rows' shared raw tails (NaN:
+        no supervised tail token). A yardstick, never trained on: one forward without autograd, vocabulary
+        projection of the longest tail only. Every baseline has the same length, so the batch has no padding."""
         batch = build_wc_batch(baselines, trees, self.nets, self.model.embed, self.cfg.mc_positional,
                                self.model.config.head_dim, self.device)
         targets = stack_targets([next_token_targets(wc, y_np[b]) for b, wc in enumerate(baselines)],
                                 batch.embeds.shape[1], self.device)
+        longest = max(tails)
         per_token = self.model(inputs_embeds=batch.embeds, rotary=batch.rotary, targets=targets,
-                               loss_reduction="none", loss_last_n=self.tail).float()  # (B, tail)
-        return _masked_mean(per_token, targets[:, -self.tail:] >= 0)
+                               loss_reduction="none", loss_last_n=longest).float()  # (B, longest)
+        in_tail = torch.from_numpy(shared_tail_mask([longest] * len(tails), longest, tails)).to(self.device)
+        return _masked_mean(per_token, in_tail & (targets[:, -longest:] >= 0))
 
     def _build_trees(self, x: torch.Tensor) -> list[MegaContextTree]:
         """One RAM tree per row over its T tokens, every gist level from one GistNet call (autograd kept)."""

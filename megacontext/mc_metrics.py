@@ -7,7 +7,8 @@ Definitions (all losses in nats per target token):
 - `mc/token_loss`: the variants' next-token loss over all their raw entries (what the GPT trains on);
 - `mc/tail_loss`, `mc/trunc_loss`: mean loss on the shared raw tail of the variants / of the truncation
   baseline (same target tokens, same WC length), over the rows whose baseline was measured (in training the
-  first row of each micro-batch, in validation every row);
+  first row of each micro-batch, in validation every row). A row's shared raw tail is the longest run of final
+  tokens that is raw in every variant of the row (at least the recent tokens, `mc/shared_tail_tokens` on average);
 - `mc/lod{k}_loss`: `mc/tail_loss` of the variants whose deepest allowed gist level is k;
 - `mc/adv_delta_mean|p95`: advantage of a variant over the baseline, trunc tail loss − variant tail loss
   (> 0: the gists carry information the truncated window lacks), mean and 95th percentile over variants;
@@ -37,7 +38,8 @@ def metric_names(max_level: int) -> list[str]:
     return (["mc/token_loss", "mc/tail_loss", "mc/trunc_loss"]
             + [f"mc/lod{k}_loss" for k in range(1, max_level + 1)]
             + ["mc/lens_loss", "mc/adv_delta_mean", "mc/adv_delta_p95", "mc/preference_corr_mean",
-               "mc/pair_delta_rms", "mc/swap_rate", "mc/residency", "mc/target_wc_length", *TOTALS, *PER_PROCESS])
+               "mc/pair_delta_rms", "mc/swap_rate", "mc/residency", "mc/target_wc_length", "mc/shared_tail_tokens",
+               *TOTALS, *PER_PROCESS])
 
 
 class StepMetrics:

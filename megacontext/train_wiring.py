@@ -7,12 +7,13 @@ import os
 from dataclasses import dataclass
 
 from megacontext.config import MCConfig
-from megacontext.controller import MCController, config_for_checkpoint, training_objective
+from megacontext.controller import TRAIN_BASELINE_ROWS, MCController, config_for_checkpoint, training_objective
 from megacontext.nets import has_mc_nets, mc_model_tag
 from megacontext.telemetry import JsonlTelemetry, TelemetryProvider, telemetry_from_env
 from megacontext.variants import START_FRACTION
 
 SERVICE_NAME = "megacontext-train"
+FORWARD_ONLY_SHARE = 1 / 3  # a forward pass without autograd ~ 1/3 of forward + backward FLOPs
 PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints"}
 
 
@@ -27,13 +28,15 @@ def training_telemetry(jsonl_path: str | None = None, env=None) -> TelemetryProv
     return telemetry_from_env(SERVICE_NAME, env=env)
 
 
-def variant_multiplier(cfg: MCConfig) -> float:
-    """Sequence positions the GPT processes per training token under --mc, averaged over the annealed run:
-    1 (the vanilla forward) + (variants + baseline) × mean target length fraction."""
+def variant_multiplier(cfg: MCConfig, device_batch_size: int) -> float:
+    """Sequence positions the GPT trains on per training token under --mc, averaged over the annealed run:
+    1 (the vanilla forward) + variants × mean target length fraction, plus the truncation baselines, which run
+    forward only (about a third of a forward + backward) on `TRAIN_BASELINE_ROWS` rows of each micro-batch."""
     final = cfg.mc_train_wc_length
     mean_fraction = final if final >= START_FRACTION else (START_FRACTION + final) / 2
-    variants = min(cfg.mc_num_random_variants, cfg.mc_max_counterfactuals) + 1
-    return 1.0 + variants * mean_fraction
+    variants = min(cfg.mc_num_random_variants, cfg.mc_max_counterfactuals)
+    baseline_rows = min(device_batch_size, TRAIN_BASELINE_ROWS) / device_batch_size
+    return 1.0 + (variants + FORWARD_ONLY_SHARE * baseline_rows) * mean_fraction
 
 
 @dataclass
@@ -49,10 +52,11 @@ def auto_batch(cfg: MCConfig, device_batch_size: int, num_iterations: int) -> Ba
     the old one, so the total batch size still splits into whole accumulation steps."""
     if not (cfg.mc and cfg.mc_auto_batch):
         return BatchPlan(device_batch_size, num_iterations, "")
-    mult = variant_multiplier(cfg)
-    dbs = max(d for d in range(1, device_batch_size + 1) if device_batch_size % d == 0 and d <= device_batch_size / mult
-              ) if device_batch_size >= mult else 1
-    iters = max(1, math.ceil(num_iterations / mult))
+    fits = [d for d in range(device_batch_size, 0, -1)
+            if device_batch_size % d == 0 and d * variant_multiplier(cfg, d) <= device_batch_size]
+    dbs = fits[0] if fits else 1
+    mult = variant_multiplier(cfg, dbs)
+    iters = max(1, math.ceil(num_iterations / mult - 1e-9))  # (float noise must not add a step)
     msg = (f"--mc_auto_batch: variant multiplier {mult:.2f} -> device batch {device_batch_size} -> {dbs} rows, "
            f"{num_iterations} -> {iters} iterations (pass --mc_auto_batch 0 to keep them)")
     return BatchPlan(dbs, iters, msg)

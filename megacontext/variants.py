@@ -112,11 +112,21 @@ def sample_row_variants(row_tokens: np.ndarray, n: int, target: int, block_size:
     return RowVariants(wcs, levels, truncation_wc(T, target, block_size))
 
 
-def shared_tail_mask(lengths: list[int], width: int, tail: int) -> np.ndarray:
-    """Bool[N, width]: the last `tail` entries of each right-padded row (the raw tokens every variant shares)."""
+def shared_raw_tail(wcs: list[WorkingContext]) -> int:
+    """Tokens at the end of the history that are raw in every WC of `wcs` (the longest shared raw tail: at least
+    the recent tokens every variant keeps, usually more). WCs cover the history in order, so a WC's trailing raw
+    entries are exactly its last tokens."""
+    def raw_run(wc: WorkingContext) -> int:
+        gists = np.flatnonzero(wc.levels != 0)
+        return len(wc) - (int(gists[-1]) + 1 if gists.size else 0)
+    return min(raw_run(wc) for wc in wcs)
+
+
+def shared_tail_mask(lengths: list[int], width: int, tails: list[int]) -> np.ndarray:
+    """Bool[N, width]: the last `tails[i]` entries of each right-padded row i (its row's shared raw tail)."""
     out = np.zeros((len(lengths), width), dtype=bool)
-    for i, n in enumerate(lengths):
+    for i, (n, tail) in enumerate(zip(lengths, tails)):
         if n < tail:
-            raise ValueError(f"variant {i} has {n} entries, fewer than the shared raw tail of {tail}")
+            raise ValueError(f"variant {i} has {n} entries, fewer than its shared raw tail of {tail}")
         out[i, n - tail: n] = True
     return out

@@ -11,7 +11,14 @@ from megacontext.controller import MCController, VanillaObjective, config_for_ch
 from megacontext.lens_training import LensObjective, hard_negative_pairs, policy_kl_to_neutral
 from megacontext.lensnet import preference_correlation
 from megacontext.mc_metrics import StepMetrics
-from megacontext.variants import START_FRACTION, focused_wc, sample_row_variants, wc_length_fraction
+from megacontext.variants import (
+    START_FRACTION,
+    focused_wc,
+    sample_row_variants,
+    shared_raw_tail,
+    shared_tail_mask,
+    wc_length_fraction,
+)
 from megacontext.wc_inputs import next_token_targets
 from megacontext.working_context import check_invariants, recency_wc
 from nanochat.gpt import GPT, GPTConfig
@@ -285,7 +292,10 @@ def test_truncation_baseline_is_the_tail_loss_of_the_last_target_tokens_alone():
     model = ctrl.model
     with torch.no_grad():  # the window a vanilla model of `target` tokens sees: positions 0.., nothing before
         per_token = model(x[:, T - target:], y[:, T - target:], loss_reduction="none")
-    expected = per_token[:, -ctrl.tail:].mean(1)
+    wcs = out["wcs"]  # row b: its n variants, then its baseline
+    tails = [shared_raw_tail(wcs[b * (n + 1): b * (n + 1) + n]) for b in range(B)]
+    assert all(t >= ctrl.tail for t in tails)
+    expected = torch.stack([per_token[b, -tails[b]:].mean() for b in range(B)])
     torch.testing.assert_close(out["tail_loss"].view(B, n + 1)[:, n], expected)
     assert not out["tail_loss"].requires_grad
     trained = ctrl.variant_losses(x, y, step=5, train=True)["tail_loss"].view(B, n + 1)[:, n]  # a sample in training
@@ -310,6 +320,19 @@ def test_focused_variants_are_the_recency_staircase_with_a_few_same_length_swaps
     for i, lod in enumerate(plain):
         assert np.array_equal(row.focused[i].levels, recency_wc(T_, K_, lod, target, R).levels)
     assert len({tuple(w.levels.tolist()) + tuple(w.indices.tolist()) for w in row.focused}) == 4
+
+
+def test_shared_raw_tail_is_the_longest_run_of_final_tokens_raw_in_every_variant():
+    T_, K_, L_, R = 512, 8, 2, 8
+    row = sample_row_variants(np.arange(T_), 4, 102, K_, L_, R, step=3)
+    assert shared_raw_tail(row.focused[:2]) > R  # the plain staircases keep more than the recent tokens raw
+    tail = shared_raw_tail(row.focused)
+    assert tail >= R
+    for wc in row.focused:
+        assert (wc.levels[-tail:] == 0).all() and np.array_equal(wc.indices[-tail:], np.arange(T_ - tail, T_))
+    assert any(wc.levels[-tail - 1] != 0 for wc in row.focused)  # one token more is a gist in some variant
+    mask = shared_tail_mask([5, 3], 6, [2, 3])
+    assert mask.tolist() == [[False, False, False, True, True, False], [True, True, True, False, False, False]]
 
 
 def test_lensnet_is_clipped_apart_so_its_loss_scale_never_changes_gistnets_update():

@@ -66,11 +66,13 @@ def test_a_dead_collector_never_stops_training(monkeypatch):
 
 def test_auto_batch_keeps_the_vanilla_position_budget():
     cfg = MCConfig(mc=True, mc_num_random_variants=2, mc_train_wc_length=0.2)
-    mult = variant_multiplier(cfg)
-    assert mult == pytest.approx(1 + 3 * 0.5)
+    # 2 variants at half the sequence on average, the forward-only baseline on 1 row of each micro-batch
+    assert variant_multiplier(cfg, 1) == pytest.approx(1 + (2 + 1 / 3) * 0.5)
+    assert variant_multiplier(cfg, 4) == pytest.approx(1 + (2 + 1 / 12) * 0.5)
     plan = auto_batch(cfg, device_batch_size=8, num_iterations=100)
-    assert plan.device_batch_size == 2 and 8 % plan.device_batch_size == 0  # largest divisor <= 8 / 2.5
-    assert plan.num_iterations == 40 and "2.50" in plan.message
+    # the largest divisor d of 8 with d × multiplier(d) <= 8: 4 × 2.04 > 8, 2 × 2.08 <= 8
+    assert plan.device_batch_size == 2
+    assert plan.num_iterations == 48 and "2.08" in plan.message
     off = auto_batch(MCConfig(mc=True, mc_auto_batch=False), 8, 100)
     assert (off.device_batch_size, off.num_iterations, off.message) == (8, 100, "")
 
