@@ -74,6 +74,9 @@ class MCConfig:
     mc_aux_dtype: str = "auto"
     mc_num_random_variants: int = 4
     mc_train_wc_length: float = 0.2
+    # Share of the run over which the target length anneals to mc_train_wc_length; it is held there for the rest,
+    # so LensNet learns at the working point the allocator runs at (its labels drift while the length moves).
+    mc_wc_anneal_fraction: float = 0.75
     mc_max_counterfactuals: int = 8
     mc_lens_loss_weight: float = 0.1
     # Weight of the variants' next-token loss. GistNet and the level embedding train with AdamW, whose steps do not
@@ -232,6 +235,10 @@ class MCConfig:
             f"--mc_train_wc_length is a fraction of max_seq_len in (0, 1] (got {self.mc_train_wc_length})",
         )
         _require(
+            0.0 < self.mc_wc_anneal_fraction <= 1.0,
+            f"--mc_wc_anneal_fraction is a share of the run in (0, 1] (got {self.mc_wc_anneal_fraction})",
+        )
+        _require(
             self.mc_num_random_variants >= 1,
             f"--mc_num_random_variants must be >= 1 (got {self.mc_num_random_variants})",
         )
@@ -333,6 +340,8 @@ def add_mc_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     add_flag(g, "--mc_aux_dtype", choices=AUX_DTYPES, default=d.mc_aux_dtype)
     add_flag(g, "--mc_num_random_variants", type=int, default=d.mc_num_random_variants)
     add_flag(g, "--mc_train_wc_length", type=float, default=d.mc_train_wc_length, help="fraction of max_seq_len")
+    add_flag(g, "--mc_wc_anneal_fraction", type=float, default=d.mc_wc_anneal_fraction,
+             help="share of the run over which the target WC length anneals; held at --mc_train_wc_length after")
     add_flag(g, "--mc_max_counterfactuals", type=int, default=d.mc_max_counterfactuals)
     add_flag(g, "--mc_lens_loss_weight", type=float, default=d.mc_lens_loss_weight)
     add_flag(g, "--mc_variant_loss_weight", type=float, default=d.mc_variant_loss_weight,

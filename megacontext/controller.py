@@ -14,7 +14,8 @@ with it) and then only calls it:
 Per micro-batch (each row of x is one sequence of max_seq_len tokens, y the next tokens) the controller:
 1. builds every row's gist tree at once, with gradient, one GistNet call per level;
 2. samples `min(--mc_num_random_variants, --mc_max_counterfactuals)` focused variants per row plus a truncation
-   baseline, at a target length annealed from 80 % of the sequence to `--mc_train_wc_length` (see variants.py);
+   baseline, at a target length annealed from 80 % of the sequence to `--mc_train_wc_length` over the first
+   `--mc_wc_anneal_fraction` of the run and held there after (see variants.py);
 3. runs the GPT on the variants in one right-padded batch with per-row rotary positions
    (`--mc_positional`), and on the baselines in a second forward without autograd (a yardstick, never trained on:
    only their tail reaches the vocabulary projection, and training measures `TRAIN_BASELINE_ROWS` rows of each
@@ -131,7 +132,7 @@ class MCController:
 
     def target_length(self, step: int, seq_len: int | None = None) -> int:
         T, c = seq_len or self.model.config.sequence_len, self.cfg
-        frac = wc_length_fraction(step / self.num_iterations, c.mc_train_wc_length)
+        frac = wc_length_fraction(step / self.num_iterations, c.mc_train_wc_length, c.mc_wc_anneal_fraction)
         return target_wc_length(T, frac, c.block_size, c.mc_max_lod, self.tail)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int, reduction: str = "mean"):

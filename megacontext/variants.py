@@ -14,7 +14,7 @@ For one row of `max_seq_len` tokens (the history) the controller scores:
   a window of the same length would see, so "variant loss below baseline loss" means the gists carry information.
 
 The target length anneals linearly from `START_FRACTION` of the sequence (easy: little compression) to
-`--mc_train_wc_length` at the end of the run (hard).
+`--mc_train_wc_length` (hard) over the first `--mc_wc_anneal_fraction` of the run, and stays there after.
 
 Sampling is seeded by the training step and the row's own tokens, so the same row gets the same variants whatever
 process or micro-batch it lands in: resumed and multi-process runs see exactly the variants of a single process.
@@ -38,12 +38,13 @@ START_FRACTION = 0.8  # target WC length at step 0, as a fraction of max_seq_len
 MAX_SWAPS = 3  # random (collapse one group, expand one gist) swaps applied to the recency staircase
 
 
-def wc_length_fraction(progress: float, final_fraction: float, start_fraction: float = START_FRACTION) -> float:
-    """Target WC length as a fraction of the sequence: start_fraction at progress 0, final_fraction at 1, linear.
-    A final fraction above the start one is used as is (no annealing)."""
+def wc_length_fraction(progress: float, final_fraction: float, anneal: float = 1.0,
+                       start_fraction: float = START_FRACTION) -> float:
+    """Target WC length as a fraction of the sequence: start_fraction at progress 0, linear down to final_fraction
+    at progress `anneal`, final_fraction after. A final fraction above the start one is used as is (no annealing)."""
     if final_fraction >= start_fraction:
         return final_fraction
-    p = min(max(progress, 0.0), 1.0)
+    p = min(max(progress / anneal, 0.0), 1.0)
     return start_fraction + (final_fraction - start_fraction) * p
 
 

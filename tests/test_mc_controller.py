@@ -84,10 +84,20 @@ def test_target_length_anneals_from_80_percent_to_train_wc_length():
     assert wc_length_fraction(0.0, 0.2) == START_FRACTION == 0.8
     assert wc_length_fraction(1.0, 0.2) == pytest.approx(0.2)
     assert wc_length_fraction(0.5, 0.2) == pytest.approx(0.5)
-    ctrl = _controller(mc_train_wc_length=0.5)
+    ctrl = _controller(mc_train_wc_length=0.5, mc_wc_anneal_fraction=1.0)
     lengths = [ctrl.target_length(s) for s in range(0, 11)]
     assert lengths[0] == round(0.8 * T) and lengths[-1] == round(0.5 * T)
     assert lengths == sorted(lengths, reverse=True)
+
+
+def test_mc_wc_anneal_fraction_reaches_the_final_length_early_and_holds_it():
+    assert wc_length_fraction(0.25, 0.2, anneal=0.5) == pytest.approx(0.5)
+    assert wc_length_fraction(0.5, 0.2, anneal=0.5) == wc_length_fraction(0.9, 0.2, anneal=0.5) == pytest.approx(0.2)
+    ctrl = _controller(mc_train_wc_length=0.5, mc_wc_anneal_fraction=0.6)  # 10 iterations: the final length at 6
+    lengths = [ctrl.target_length(s) for s in range(0, 11)]
+    assert lengths[0] == round(0.8 * T) and lengths[5] > lengths[6] == lengths[10] == round(0.5 * T)
+    with pytest.raises(ValueError, match="mc_wc_anneal_fraction"):
+        MCConfig(mc=True, mc_wc_anneal_fraction=0.0).validate()
 
 
 def _objective_terms(**knobs) -> tuple[float, float, float]:

@@ -1,5 +1,6 @@
 """Around the controller: which telemetry provider a run gets, --mc_auto_batch, continuing checkpoints."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -65,10 +66,12 @@ def test_a_dead_collector_never_stops_training(monkeypatch):
 
 
 def test_auto_batch_keeps_the_vanilla_position_budget():
-    cfg = MCConfig(mc=True, mc_num_random_variants=2, mc_train_wc_length=0.2)
+    cfg = MCConfig(mc=True, mc_num_random_variants=2, mc_train_wc_length=0.2, mc_wc_anneal_fraction=1.0)
     # 2 variants at half the sequence on average, the forward-only baseline on 1 row of each micro-batch
     assert variant_multiplier(cfg, 1) == pytest.approx(1 + (2 + 1 / 3) * 0.5)
     assert variant_multiplier(cfg, 4) == pytest.approx(1 + (2 + 1 / 12) * 0.5)
+    held = dataclasses.replace(cfg, mc_wc_anneal_fraction=0.5)  # half the run at 80 % -> 20 %, half held at 20 %
+    assert variant_multiplier(held, 1) == pytest.approx(1 + (2 + 1 / 3) * (0.5 * 0.5 + 0.5 * 0.2))
     plan = auto_batch(cfg, device_batch_size=8, num_iterations=100)
     # the largest divisor d of 8 with d × multiplier(d) <= 8: 4 × 2.04 > 8, 2 × 2.08 <= 8
     assert plan.device_batch_size == 2
