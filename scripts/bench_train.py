@@ -211,7 +211,8 @@ def main(argv=None) -> list[dict]:
     if args.mc:
         result = bench_mc(args, device)
         print(f"--mc: {result['variants']} variant(s) per row + a truncation baseline per micro-batch, block size "
-              f"{args.block_size}; target length annealed over the run (run average: Simpson's rule over the points)")
+              f"{args.block_size}; target length annealed over the first {args.mc_wc_anneal_fraction:.0%} of the run, "
+              "then held (run average: Simpson's rule over the anneal's points, the end point for the hold)")
         print(format_mc(result))
         return [result]
     rows = [bench_mode(args, device, use_compile) for use_compile in args.compile_modes]
