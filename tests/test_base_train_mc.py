@@ -5,7 +5,9 @@ import os
 import pytest
 import torch
 
+from megacontext.config import MCConfig
 from megacontext.nets import has_mc_nets
+from megacontext.train_wiring import auto_batch
 from nanochat.checkpoint_manager import load_checkpoint
 from scripts import base_train
 from tests.conftest import read_jsonl, torchrun
@@ -57,8 +59,10 @@ def test_mc_auto_batch_prints_the_resulting_batch(corpus, capsys):
     out = base_train.main(args + ["--num-iterations=3", "--eval-every=-1", "--device-batch-size=4",
                                   "--total-batch-size=128"])
     printed = capsys.readouterr().out
-    assert "--mc_auto_batch: variant multiplier" in printed and "4 -> 1 rows" in printed
-    assert out["step"] == 2  # ceil(3 / 2.5): multiplier 1 + (2 variants + baseline) × mean length 0.5
+    plan = auto_batch(MCConfig(mc=True, block_size=4, mc_num_random_variants=2), device_batch_size=4,
+                      num_iterations=3)
+    assert plan.device_batch_size < 4 and plan.message in printed  # the batch the run used, as printed
+    assert out["step"] == plan.num_iterations
 
 
 @pytest.mark.slow
