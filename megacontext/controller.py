@@ -25,7 +25,8 @@ Per micro-batch (each row of x is one sequence of max_seq_len tokens, y the next
    the labels are less noisy), and fits LensNet to those measured losses (lens_training.py);
 5. refocuses one sampled WC with the allocator on LensNet's scores to report swap rate and residency.
 Objective: vanilla full-sequence loss + `--mc_variant_loss_weight` × MC variant loss + `--mc_lens_loss_weight` ×
-lens loss (+ the weighted LensNet regularisers). It returns data and never prints; telemetry events go to the provider it was given.
+lens loss (+ the weighted LensNet regularisers). It returns data and never prints; telemetry events go to the
+provider it was given.
 Trees are built in RAM whatever `--mc_tree` says: they hold the autograd graph back to GistNet and live for one
 micro-batch. `--mc_tree` is recorded with the nets and chooses the store of inference sessions.
 """
@@ -230,8 +231,7 @@ class MCController:
         with self.telemetry.span("lens", into=timings):
             lens_out = self._lens_terms(batch, variants, var_tail, B, n, step)
         ctrl_ms = (time.perf_counter() - t_start - gpt_time) * 1000.0
-        self._record(variant_loss, tail_loss, rows, lens_out, target, B * n + measured, ctrl_ms)
-        self.metrics.add("mc/shared_tail_tokens", float(np.mean(tails)))
+        self._record(variant_loss, tail_loss, rows, tails, lens_out, target, B * n + measured, ctrl_ms)
         self.telemetry.emit("mc_timing", {**timings, "step": step, "total_ms": ctrl_ms})
         return {"variant_loss": variant_loss, "lens_loss": lens_out["lens_loss"],
                 "regularisers": lens_out["kl"] + lens_out["budget"], "tail_loss": tail_loss, "target": target,
@@ -300,7 +300,7 @@ class MCController:
             "level_counts": new_wc.level_counts(self.cfg.mc_max_lod).tolist(), "scheme": self.cfg.mc_positional})
         return report
 
-    def _record(self, variant_loss, tail_loss, rows, lens_out, target, num_wcs, ctrl_ms) -> None:
+    def _record(self, variant_loss, tail_loss, rows, tails, lens_out, target, num_wcs, ctrl_ms) -> None:
         m, n = self.metrics, self.variants_per_row
         tl = tail_loss.view(-1, n + 1)  # (B, n + 1): variants, then the baseline
         var_tail, trunc_tail = tl[:, :n], tl[:, n]
@@ -323,6 +323,7 @@ class MCController:
         m.add("mc/swap_rate", lens_out["report"].swap_rate)
         m.add("mc/residency", 1.0 - lens_out["report"].swap_rate)
         m.add("mc/target_wc_length", target)
+        m.add("mc/shared_tail_tokens", float(np.mean(tails)))
         m.add("mc/variants_total", num_wcs)
         m.add("mc/time_controller_ms", ctrl_ms)
 

@@ -10,7 +10,7 @@ from megacontext.config import MCConfig
 from megacontext.controller import TRAIN_BASELINE_ROWS, MCController, config_for_checkpoint, training_objective
 from megacontext.nets import has_mc_nets, mc_model_tag
 from megacontext.telemetry import JsonlTelemetry, TelemetryProvider, telemetry_from_env
-from megacontext.variants import START_FRACTION
+from megacontext.variants import mean_wc_length_fraction
 
 SERVICE_NAME = "megacontext-train"
 FORWARD_ONLY_SHARE = 1 / 3  # a forward pass without autograd ~ 1/3 of forward + backward FLOPs
@@ -32,8 +32,7 @@ def variant_multiplier(cfg: MCConfig, device_batch_size: int) -> float:
     """Sequence positions the GPT trains on per training token under --mc, averaged over the annealed run:
     1 (the vanilla forward) + variants × mean target length fraction, plus the truncation baselines, which run
     forward only (about a third of a forward + backward) on `TRAIN_BASELINE_ROWS` rows of each micro-batch."""
-    final, anneal = cfg.mc_train_wc_length, cfg.mc_wc_anneal_fraction
-    mean_fraction = final if final >= START_FRACTION else anneal * (START_FRACTION + final) / 2 + (1 - anneal) * final
+    mean_fraction = mean_wc_length_fraction(cfg.mc_train_wc_length, cfg.mc_wc_anneal_fraction)
     variants = min(cfg.mc_num_random_variants, cfg.mc_max_counterfactuals)
     baseline_rows = min(device_batch_size, TRAIN_BASELINE_ROWS) / device_batch_size
     return 1.0 + (variants + FORWARD_ONLY_SHARE * baseline_rows) * mean_fraction

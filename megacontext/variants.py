@@ -4,8 +4,9 @@ For one row of `max_seq_len` tokens (the history) the controller scores:
 - `n` focused variants at the current target length, the recent tail raw in all of them: the recency staircase
   (raw tokens at the cursor, then level-1 gists, then coarser ones: the shape the focus allocator gives a WC at
   inference), plain for the first variant of each gist level and with 1 to `MAX_SWAPS` random swaps for the rest,
-  each collapsing one random sibling group and expanding one random gist, so the length stays the same. Variants of a row differ in a few nodes, so their measured loss differences
-  are clean labels of those nodes' utility for LensNet, around the working point the allocator operates at. (Cuts
+  each collapsing one random sibling group and expanding one random gist, so the length stays the same. Variants
+  of a row differ in a few nodes, so their measured loss differences are clean labels of those nodes' utility for
+  LensNet, around the working point the allocator operates at. (Cuts
   drawn uniformly at random differ in dozens of nodes, mostly far from the cursor: their differences are mostly
   noise, and they throw away recent raw tokens that no focused WC would drop.) Variant i may use gist levels up to
   `1 + i % max_lod` (when a cut that shallow fits the target), so every level of detail is measured each step and
@@ -46,6 +47,13 @@ def wc_length_fraction(progress: float, final_fraction: float, anneal: float = 1
         return final_fraction
     p = min(max(progress / anneal, 0.0), 1.0)
     return start_fraction + (final_fraction - start_fraction) * p
+
+
+def mean_wc_length_fraction(final_fraction: float, anneal: float = 1.0) -> float:
+    """`wc_length_fraction` averaged over the whole run: the linear anneal's midpoint, then the held final value."""
+    if final_fraction >= START_FRACTION:
+        return final_fraction
+    return anneal * (START_FRACTION + final_fraction) / 2 + (1 - anneal) * final_fraction
 
 
 def target_wc_length(seq_len: int, fraction: float, block_size: int, max_level: int, recent_tokens: int) -> int:

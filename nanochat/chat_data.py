@@ -25,6 +25,8 @@ import random
 
 import torch
 
+from nanochat.dataloader import saved_slot_states
+
 
 def render(tokenizer, conversation: dict, max_tokens: int | None) -> tuple[list[int], list[int]]:
     return tokenizer.render_conversation(conversation, max_tokens=max_tokens)
@@ -123,12 +125,8 @@ class PackedConversations:
                              "data slots (world_size × grad_accum)")
         self.task, self.tokenizer = task, tokenizer
         self.batch_size, self.seq_len, self.device = batch_size, seq_len, device
-        saved, self.micro_step = ([None] * self.num_slots, 0) if state is None else (state["slots"],
-                                                                                    state["micro_step"])
-        if len(saved) != self.num_slots:
-            raise ValueError(f"the saved loader state has {len(saved)} data slots (world_size × grad_accum) but this "
-                             f"run has {self.num_slots}; resume with the same --total-batch-size / "
-                             "--device-batch-size / --max-seq-len, or start a fresh run")
+        saved = saved_slot_states(state, self.num_slots)
+        self.micro_step = 0 if state is None else state["micro_step"]
         self.slots = list(range(rank * grad_accum, (rank + 1) * grad_accum))
         self.streams = [_PackedSlot(s, self.num_slots, saved[s]) for s in self.slots]
 

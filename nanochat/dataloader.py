@@ -160,24 +160,13 @@ class PretrainLoader:
         self.device = torch.device(device)
         self.num_slots = world_size * grad_accum
         self.slots = list(range(rank * grad_accum, (rank + 1) * grad_accum))
-        slot_states = self._slot_states(state)
+        slot_states = saved_slot_states(state, self.num_slots)
         mix = None
         if recall_mix > 0:  # synthetic recall documents (--recall-mix), each short enough for one row
             mix = RecallMixer(recall_mix, seq_len, lambda text: len(tokenizer.encode(text)))
         self.streams = [TokenStream(tokenizer, split, s, self.num_slots, loop=True, state=slot_states[s],
                                     tokenizer_threads=tokenizer_threads, mix=mix) for s in self.slots]
         self.micro_step = 0 if state is None else state["micro_step"]
-
-    def _slot_states(self, state: dict | None) -> list:
-        if state is None:
-            return [None] * self.num_slots
-        saved = state["slots"]
-        if len(saved) != self.num_slots:
-            raise ValueError(
-                f"the checkpoint's data loader has {len(saved)} data slots (world_size × grad_accum) but this run has "
-                f"{self.num_slots}; resume with the same --total-batch-size / --device-batch-size / --max-seq-len "
-                "and world_size × grad_accum, or start a fresh run")
-        return saved
 
     def __iter__(self):
         return self
@@ -200,6 +189,20 @@ class PretrainLoader:
     def epoch(self) -> int:
         """Epoch of this rank's first slot (slots drift apart by at most a row group or so)."""
         return self.streams[0].epoch
+
+
+def saved_slot_states(state: dict | None, num_slots: int) -> list:
+    """Each data slot's saved state from a loader `state` (None: a fresh run, every slot from the start); a state
+    saved with another number of slots cannot continue and says how to resume."""
+    if state is None:
+        return [None] * num_slots
+    saved = state["slots"]
+    if len(saved) != num_slots:
+        raise ValueError(
+            f"the checkpoint's data loader has {len(saved)} data slots (world_size × grad_accum) but this run has "
+            f"{num_slots}; resume with the same --total-batch-size / --device-batch-size / --max-seq-len "
+            "and world_size × grad_accum, or start a fresh run")
+    return saved
 
 
 def merge_states(states: list[dict]) -> dict:

@@ -15,6 +15,7 @@ Evaluation uses the same generator, so what a model is tested on is exactly what
 fresh random keys.
 """
 
+import math
 import random
 import zlib
 from collections.abc import Callable
@@ -135,7 +136,7 @@ class RecallMixer:
                     if plain:
                         out.append("".join(plain).strip())
                         plain = []
-                    out.append(self._recall_doc(rng, piece.strip()))
+                    out.append(self._recall_doc(rng, piece.strip(), chars_per_token))
                 else:
                     plain.append(piece)
             if plain:
@@ -154,7 +155,7 @@ class RecallMixer:
             pos = end
         return pieces
 
-    def _recall_doc(self, rng: random.Random, filler: str) -> str:
+    def _recall_doc(self, rng: random.Random, filler: str, chars_per_token: float) -> str:
         kind, position = rng.choice(KINDS), rng.random()
         while True:  # the fact, distractors and question add tokens: shrink the filler until the document fits
             doc = make_recall_doc(rng, filler, kind, position)
@@ -162,4 +163,5 @@ class RecallMixer:
             excess = self.count_tokens(text) - self.max_tokens
             if excess <= 0 or not filler:  # (no filler left: still valid text, it just spans two rows)
                 return text
-            filler = filler[: max(0, len(filler) - max(excess * 4, len(filler) // 8))]
+            cut = max(math.ceil(excess * chars_per_token), len(filler) // 8)  # at least an eighth: few retries
+            filler = filler[: max(0, len(filler) - cut)]

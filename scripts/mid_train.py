@@ -173,7 +173,8 @@ class MidStage:
         aux, mc_meta = self.objective.checkpoint_parts()  # MC nets and their config ({} without --mc)
         save_run_checkpoint(self.checkpoint_dir, step, self.model, self.optimizers, self.dist, {
             "user_config": self.user_config, "val_bpb": self.val_bpb, "data": self.source, "start": self.start,
-            "model_tag": self.model_tag, "dataloader_state": merge_states(gather_objects(self.loader.state_dict(), self.dist.ddp)),
+            "model_tag": self.model_tag,
+            "dataloader_state": merge_states(gather_objects(self.loader.state_dict(), self.dist.ddp)),
             "loop_state": {"progress": self.meter.state_dict()}, **mc_meta}, aux_states=aux)
         print0(f"saved checkpoint {self.checkpoint_dir} step {step}")
 
