@@ -12,10 +12,11 @@ with it) and then only calls it:
     objective.checkpoint_parts()              # (aux_states, meta entries) for save_checkpoint
 
 Per micro-batch (each row of x is one sequence of max_seq_len tokens, y the next tokens) the controller:
-1. builds every row's gist tree at once, with gradient, one GistNet call per level;
-2. samples `min(--mc_num_random_variants, --mc_max_counterfactuals)` focused variants per row plus a truncation
+1. samples `min(--mc_num_random_variants, --mc_max_counterfactuals)` focused variants per row plus a truncation
    baseline, at a target length annealed from 80 % of the sequence to `--mc_train_wc_length` over the first
    `--mc_wc_anneal_fraction` of the run and held there after (see variants.py);
+2. builds every row's gist tree at once, with gradient, one GistNet call per level, on the gists those working
+   contexts read (and the gists below them) only;
 3. runs the GPT on the variants in one right-padded batch with per-row rotary positions
    (`--mc_positional`), and on the baselines in a second forward without autograd (a yardstick, never trained on:
    only their tail reaches the vocabulary projection, and training measures `TRAIN_BASELINE_ROWS` rows of each
@@ -45,7 +46,7 @@ from megacontext.lensnet import build_variant_membership
 from megacontext.mc_metrics import StepMetrics, percentile
 from megacontext.nets import AUX_KEY, MCNets, has_mc_nets
 from megacontext.telemetry import NoOpTelemetry, TelemetryProvider
-from megacontext.tree import MegaContextTree, RamTreeStore, build_gist_levels
+from megacontext.tree import MegaContextTree, RamTreeStore, build_gist_levels, gist_closure
 from megacontext.variants import (
     sample_row_variants,
     shared_raw_tail,
@@ -197,13 +198,13 @@ class MCController:
         B, T = x.shape
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
-        with self.telemetry.span("build", into=timings), self.aux_precision():
-            trees = self._build_trees(x)
         target = self.target_length(step, T)
         x_np, y_np = x.cpu().numpy(), y.cpu().numpy()
         rows = [sample_row_variants(x_np[b], self.variants_per_row, target, K, L, self.tail, step, self.seed)
                 for b in range(B)]
         n = self.variants_per_row
+        with self.telemetry.span("build", into=timings), self.aux_precision():
+            trees = self._build_trees(x, [r.focused for r in rows])
         variants = [wc for r in rows for wc in r.focused]  # row b: its n variants
         tails = [shared_raw_tail(r.focused) for r in rows]  # per row: the target tokens its variants are compared on
         with self.telemetry.span("positional", into=timings):
@@ -252,11 +253,22 @@ class MCController:
         in_tail = torch.from_numpy(shared_tail_mask([longest] * len(tails), longest, tails)).to(self.device)
         return _masked_mean(per_token, in_tail & (targets[:, -longest:] >= 0))
 
-    def _build_trees(self, x: torch.Tensor) -> list[MegaContextTree]:
-        """One RAM tree per row over its T tokens, every gist level from one GistNet call (autograd kept)."""
+    def _build_trees(self, x: torch.Tensor, row_wcs: list[list]) -> list[MegaContextTree]:
+        """One RAM tree per row over its T tokens, each gist level from one GistNet call (autograd kept), run only
+        on the gists the row's working contexts `row_wcs[b]` read and the gists below those (the others would get
+        no gradient and change no loss: skipping them is most of GistNet's cost while the variants are long)."""
         c = self.cfg
         embeds = self.model.embed(x)  # (B, T, D)
-        levels = build_gist_levels(embeds, self.nets.gist, c.block_size, c.mc_max_lod)
+        used = [np.zeros((x.shape[0], x.shape[1] // c.block_size**level), dtype=bool)
+                for level in range(1, c.mc_max_lod + 1)]
+        for b, wcs in enumerate(row_wcs):
+            for wc in wcs:
+                gist = wc.levels > 0
+                used_levels, used_indices = wc.levels[gist], wc.indices[gist]
+                for level in np.unique(used_levels):
+                    used[level - 1][b, used_indices[used_levels == level]] = True
+        needed = gist_closure(used, c.block_size)
+        levels = build_gist_levels(embeds, self.nets.gist, c.block_size, c.mc_max_lod, needed)
         return [MegaContextTree(RamTreeStore.from_levels(x[b], [g[b] for g in levels], c.block_size, c.mc_max_lod),
                                 self.model.embed, self.nets.gist) for b in range(x.shape[0])]
 

@@ -38,22 +38,53 @@ def node_span(level, index, block_size: int):
     return index * size, (index + 1) * size
 
 
-def build_gist_levels(embeds: torch.Tensor, gist_fn: GistFn, block_size: int, max_level: int) -> list[torch.Tensor]:
+def build_gist_levels(embeds: torch.Tensor, gist_fn: GistFn, block_size: int, max_level: int,
+                      needed: list[np.ndarray] | None = None) -> list[torch.Tensor]:
     """Batch build: embeds Float[B, T, D] -> [Float[B, n_1, D], ..., Float[B, n_L, D]], n_l = T // K**l.
 
     One gist_fn call per level over all B sequences; gradients flow back into gist_fn and the embeddings.
+    `needed` (training: only what the sampled working contexts read): Bool[B, n_l] per level, closed under
+    "children of a needed node are needed" (see `gist_closure`); gist_fn then runs on those nodes only and every
+    other gist is NaN, so reading one poisons the loss instead of silently using a made-up vector.
     """
     if embeds.ndim != 3:
         raise ValueError(f"embeds must be [B, T, D], got {tuple(embeds.shape)}")
+    if needed is not None and len(needed) != max_level:
+        raise ValueError(f"needed must hold one Bool[B, n_l] mask per level 1..{max_level}, got {len(needed)}")
     B, _, D = embeds.shape
     levels, children = [], embeds
     for level in range(1, max_level + 1):
         n = children.shape[1] // block_size
-        blocks = children[:, : n * block_size].reshape(B * n, block_size, D)  # (B*n, K, D)
-        gists = _call_gist_fn(gist_fn, level, blocks).reshape(B, n, D)
+        blocks = children[:, : n * block_size].reshape(B, n, block_size, D)  # (B, n, K, D)
+        if needed is None:
+            gists = _call_gist_fn(gist_fn, level, blocks.reshape(B * n, block_size, D)).reshape(B, n, D)
+        else:
+            gists = _build_needed(gist_fn, level, blocks, needed[level - 1])
         levels.append(gists)
         children = gists
     return levels
+
+
+def gist_closure(used: list[np.ndarray], block_size: int) -> list[np.ndarray]:
+    """The gists to build so that the `used` ones (Bool[B, n_l] per level 1..L) can be: each used node, and level
+    by level downwards the K children of every node built above it. Returns new masks of the same shapes."""
+    needed = [u.astype(bool, copy=True) for u in used]
+    for level in range(len(needed) - 1, 0, -1):  # level index l holds level l + 1; its children live at l - 1
+        below = needed[level - 1]
+        children = np.repeat(needed[level], block_size, axis=1)[:, : below.shape[1]]
+        below[:, : children.shape[1]] |= children
+    return needed
+
+
+def _build_needed(gist_fn: GistFn, level: int, blocks: torch.Tensor, needed: np.ndarray) -> torch.Tensor:
+    """Float[B, n, D] gists of `blocks` (B, n, K, D) where `needed` (Bool[B, n]) is set, NaN elsewhere."""
+    B, n, _, D = blocks.shape
+    if needed.shape != (B, n):
+        raise ValueError(f"level {level}: needed mask has shape {needed.shape}, the tree has {(B, n)} nodes")
+    rows, cols = (torch.from_numpy(a).to(blocks.device) for a in np.nonzero(needed))
+    gists = _call_gist_fn(gist_fn, level, blocks[rows, cols])  # (N_needed, D)
+    out = blocks.new_full((B, n, D), float("nan"))
+    return out.index_put((rows, cols), gists)
 
 
 def _call_gist_fn(gist_fn: GistFn, level: int, blocks: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,39 @@ def test_gradient_reaches_gistnet_lensnet_and_level_embedding():
     assert float(total.detach()) > float(vanilla.detach()) > 0
 
 
+def _counting(gist_fn, calls: list):
+    """gist_fn, recording how many gists each call builds."""
+    def counted(level, blocks):
+        calls.append(blocks.shape[0])
+        return gist_fn(level, blocks)
+    return counted
+
+
+def test_gistnet_runs_only_on_the_gists_the_variants_read(monkeypatch):
+    """Skipping unread gists is pure savings: same losses and gradients as building the whole tree."""
+    import megacontext.controller as controller_module
+
+    x, y = _batch()
+    results = {}
+    for name in ("needed", "full"):
+        if name == "full":
+            monkeypatch.setattr(controller_module, "gist_closure", lambda used, k: [np.ones_like(u) for u in used])
+        ctrl = _controller()
+        gists = []
+        monkeypatch.setattr(ctrl.nets, "gist", _counting(ctrl.nets.gist, gists))
+        total, _ = ctrl(x, y, step=0)
+        total.backward()
+        grads = [p.grad.clone() for p in ctrl.nets.gistnet.parameters() if p.grad is not None]
+        results[name] = (float(total.detach()), grads, gists)
+    (loss, grads, gists), (full_loss, full_grads, full_gists) = results["needed"], results["full"]
+    assert full_gists == [B * T // K, B * T // K**2]
+    assert sum(gists) < sum(full_gists)  # at 80 % of the sequence most of the tree is never read
+    assert loss == pytest.approx(full_loss, rel=1e-5)
+    assert len(grads) == len(full_grads) and grads
+    for g, f in zip(grads, full_grads):
+        torch.testing.assert_close(g, f, rtol=1e-4, atol=1e-6)
+
+
 def test_variants_and_truncation_baseline_are_run_together():
     ctrl = _controller(mc_max_counterfactuals=2)  # bounds the 3 random variants to 2
     x, y = _batch()
@@ -263,15 +296,14 @@ def test_variant_targets_follow_y_so_chat_masks_apply():
     nxt = torch.randint(0, 256, (B, 1))
     y = torch.cat([x[:, 1:], nxt], dim=1)  # pretraining: y is x shifted
     out = ctrl.variant_losses(x, y, 0, True)
-    trees = ctrl._build_trees(x)
     n = ctrl.variants_per_row + 1
     for i, wc in enumerate(out["wcs"]):
         b = i // n
-        # independent of y: the tree's own next token after each raw entry followed by a raw entry
+        # independent of y: the row's own next token after each raw entry followed by a raw entry
         raw = wc.levels == 0
         expected = np.full(len(wc), -1)
         for j in np.flatnonzero(raw[:-1] & raw[1:]):
-            expected[j] = int(trees[b].store.gather_tokens(wc.indices[j + 1 : j + 2])[0])
+            expected[j] = int(x[b, wc.indices[j + 1]])
         expected[-1] = int(nxt[b, 0])
         assert (next_token_targets(wc, y[b].numpy()) == expected).all()
     masked = y.clone()

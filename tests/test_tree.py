@@ -11,7 +11,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megacontext.tree import MegaContextTree, RamTreeStore, build_gist_levels, node_span, open_tree_store
+from megacontext.tree import (
+    MegaContextTree,
+    RamTreeStore,
+    build_gist_levels,
+    gist_closure,
+    node_span,
+    open_tree_store,
+)
 from megacontext.tree_disk import HEADER_SIZE, DiskTreeStore
 
 D, VOCAB = 6, 50
@@ -120,6 +127,54 @@ def test_batch_build_keeps_autograd():
     loss.backward()
     assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
     assert emb.weight.grad is not None and emb.weight.grad.abs().sum() > 0
+
+
+def test_gist_closure_adds_the_children_of_every_needed_gist():
+    k = 4
+    used = [np.zeros((2, 16), dtype=bool), np.zeros((2, 4), dtype=bool), np.zeros((2, 1), dtype=bool)]
+    used[0][0, 15] = True  # a level-1 gist: needs only its tokens
+    used[1][1, 2] = True  # a level-2 gist: needs level-1 gists 8..11
+    used[2][0, 0] = True  # the level-3 gist: needs every level-2 gist and so every level-1 gist of row 0
+    needed = gist_closure(used, k)
+    assert needed[2].tolist() == [[True], [False]]
+    assert needed[1].tolist() == [[True] * 4, [False, False, True, False]]
+    assert needed[0][0].all() and np.flatnonzero(needed[0][1]).tolist() == [8, 9, 10, 11]
+    assert not used[0][1].any()  # the caller's masks are left as they were
+
+
+def test_building_only_needed_gists_gives_the_same_gists_and_gradients():
+    k, max_level = 4, 2
+    emb = torch.nn.Embedding(VOCAB, D)
+    lin = torch.nn.Linear(D, D)
+    calls = []
+
+    def gist_fn(level, blocks):
+        calls.append(blocks.shape[0])
+        return torch.tanh(lin(blocks.mean(1))) + level
+
+    ids = torch.randint(0, VOCAB, (2, 40))
+    used = [np.zeros((2, 10), dtype=bool), np.zeros((2, 2), dtype=bool)]
+    used[0][0, [1, 9]] = True
+    used[1][1, 1] = True
+    needed = gist_closure(used, k)
+    results = {}
+    for name, masks in {"full": None, "needed": needed}.items():
+        emb.zero_grad(), lin.zero_grad()
+        calls.clear()
+        levels = build_gist_levels(emb(ids), gist_fn, k, max_level, masks)
+        read = levels[0][0, [1, 9]].sum() + levels[1][1, 1].sum()  # what a working context would read
+        read.backward()
+        results[name] = (levels, lin.weight.grad.clone(), emb.weight.grad.clone(), list(calls))
+    (full, full_lin, full_emb, full_calls), (part, part_lin, part_emb, part_calls) = results["full"], results["needed"]
+    assert full_calls == [20, 4] and part_calls == [6, 1]  # row 1's level-2 gist 1 needs level-1 gists 4..7
+    for level, mask in enumerate(needed):
+        m = torch.from_numpy(mask)
+        torch.testing.assert_close(part[level][m], full[level][m])
+        assert torch.isnan(part[level][~m]).all()  # never a made-up gist: reading one poisons the loss
+    torch.testing.assert_close(part_lin, full_lin)
+    torch.testing.assert_close(part_emb, full_emb)
+    with pytest.raises(ValueError, match="needed mask"):
+        build_gist_levels(emb(ids), gist_fn, k, max_level, [needed[0][:, :5], needed[1]])
 
 
 def test_failing_gist_fn_leaves_tree_unchanged():
