@@ -48,6 +48,7 @@ from megacontext.nets import AUX_KEY, MCNets, has_mc_nets
 from megacontext.telemetry import NoOpTelemetry, TelemetryProvider
 from megacontext.tree import MegaContextTree, RamTreeStore, build_gist_levels, gist_closure
 from megacontext.variants import (
+    gists_read,
     sample_row_variants,
     shared_raw_tail,
     shared_tail_mask,
@@ -259,15 +260,7 @@ class MCController:
         no gradient and change no loss: skipping them is most of GistNet's cost while the variants are long)."""
         c = self.cfg
         embeds = self.model.embed(x)  # (B, T, D)
-        used = [np.zeros((x.shape[0], x.shape[1] // c.block_size**level), dtype=bool)
-                for level in range(1, c.mc_max_lod + 1)]
-        for b, wcs in enumerate(row_wcs):
-            for wc in wcs:
-                gist = wc.levels > 0
-                used_levels, used_indices = wc.levels[gist], wc.indices[gist]
-                for level in np.unique(used_levels):
-                    used[level - 1][b, used_indices[used_levels == level]] = True
-        needed = gist_closure(used, c.block_size)
+        needed = gist_closure(gists_read(row_wcs, x.shape[1], c.block_size, c.mc_max_lod), c.block_size)
         levels = build_gist_levels(embeds, self.nets.gist, c.block_size, c.mc_max_lod, needed)
         return [MegaContextTree(RamTreeStore.from_levels(x[b], [g[b] for g in levels], c.block_size, c.mc_max_lod),
                                 self.model.embed, self.nets.gist) for b in range(x.shape[0])]

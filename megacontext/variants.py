@@ -139,3 +139,16 @@ def shared_tail_mask(lengths: list[int], width: int, tails: list[int]) -> np.nda
             raise ValueError(f"variant {i} has {n} entries, fewer than its shared raw tail of {tail}")
         out[i, n - tail: n] = True
     return out
+
+
+def gists_read(row_wcs: list[list[WorkingContext]], num_tokens: int, block_size: int,
+               max_level: int) -> list[np.ndarray]:
+    """Bool[B, n_l] per level 1..max_level: the gists that any WC of row b (`row_wcs[b]`) holds."""
+    read = [np.zeros((len(row_wcs), num_tokens // block_size**level), dtype=bool) for level in range(1, max_level + 1)]
+    for b, wcs in enumerate(row_wcs):
+        for wc in wcs:
+            gist = wc.levels > 0
+            levels, indices = wc.levels[gist], wc.indices[gist]
+            for level in np.unique(levels):
+                read[level - 1][b, indices[levels == level]] = True
+    return read
