@@ -230,6 +230,8 @@ class MCController:
                                                            y_np, tails[:measured])
         gpt_time += time.perf_counter() - t0
         tail_loss = torch.cat([var_tail.view(B, n), trunc_tail[:, None]], 1).flatten()  # row b: n variants, baseline
+        if not train:  # the ceiling: the same tail with the whole row in context (validation only)
+            self.metrics.add("mc/full_tail_loss", float(self._full_tail_losses(x, y, tails).nanmean()))
         with self.telemetry.span("lens", into=timings):
             lens_out = self._lens_terms(batch, variants, var_tail, B, n, step)
         ctrl_ms = (time.perf_counter() - t_start - gpt_time) * 1000.0
@@ -253,6 +255,16 @@ class MCController:
                                loss_reduction="none", loss_last_n=longest).float()  # (B, longest)
         in_tail = torch.from_numpy(shared_tail_mask([longest] * len(tails), longest, tails)).to(self.device)
         return _masked_mean(per_token, in_tail & (targets[:, -longest:] >= 0))
+
+    @torch.no_grad()
+    def _full_tail_losses(self, x: torch.Tensor, y: torch.Tensor, tails: list[int]) -> torch.Tensor:
+        """Float[B] loss of each row's shared raw tail with the whole row in context: what a lossless memory of the
+        compressed tokens would reach. Above the truncation baseline, the model gains nothing from the tokens
+        before the truncation window, and no working context of that length can beat truncation."""
+        longest = max(tails)
+        per_token = self.model(x, y, loss_reduction="none", loss_last_n=longest).float()  # (B, longest)
+        in_tail = torch.from_numpy(shared_tail_mask([longest] * len(tails), longest, tails)).to(self.device)
+        return _masked_mean(per_token, in_tail & (y[:, -longest:] >= 0))
 
     def _build_trees(self, x: torch.Tensor, row_wcs: list[list]) -> list[MegaContextTree]:
         """One RAM tree per row over its T tokens, each gist level from one GistNet call (autograd kept), run only

@@ -9,6 +9,9 @@ Definitions (all losses in nats per target token):
   baseline (same target tokens, same WC length), over the rows whose baseline was measured (in training the
   first row of each micro-batch, in validation every row). A row's shared raw tail is the longest run of final
   tokens that is raw in every variant of the row (at least the recent tokens, `mc/shared_tail_tokens` on average);
+- `mc/full_tail_loss` (validation only): the same tail's loss with the whole row in context, as vanilla attention
+  over `max_seq_len` sees it: the ceiling of a lossless memory. When it is not below `mc/trunc_loss`, the model
+  gains nothing from the tokens before the truncation window, so no variant can beat the baseline;
 - `mc/lod{k}_loss`: `mc/tail_loss` of the variants whose deepest allowed gist level is k;
 - `mc/adv_delta_mean|p95`: advantage of a variant over the baseline, trunc tail loss − variant tail loss
   (> 0: the gists carry information the truncated window lacks), mean and 95th percentile over variants;
@@ -35,7 +38,7 @@ PER_PROCESS = ("mc/time_controller_ms",)  # per step, averaged over processes
 
 
 def metric_names(max_level: int) -> list[str]:
-    return (["mc/token_loss", "mc/tail_loss", "mc/trunc_loss"]
+    return (["mc/token_loss", "mc/tail_loss", "mc/trunc_loss", "mc/full_tail_loss"]
             + [f"mc/lod{k}_loss" for k in range(1, max_level + 1)]
             + ["mc/lens_loss", "mc/adv_delta_mean", "mc/adv_delta_p95", "mc/preference_corr_mean",
                "mc/pair_delta_rms", "mc/swap_rate", "mc/residency", "mc/target_wc_length", "mc/shared_tail_tokens",
@@ -109,6 +112,8 @@ def progress_note(metrics: dict, prefix: str = "mc/") -> str:
     line = f" | mc: {metrics[prefix + 'token_loss']:.4f}"
     if prefix + "tail_loss" in metrics:
         line += f" tail {metrics[prefix + 'tail_loss']:.4f} vs trunc {metrics[prefix + 'trunc_loss']:.4f}"
+    if prefix + "full_tail_loss" in metrics:
+        line += f" (full row {metrics[prefix + 'full_tail_loss']:.4f})"
     corr = metrics.get(prefix + "preference_corr_mean")
     line += "" if corr is None else f" | pref corr {corr:+.2f}"
     return line + f" | ctrl: {metrics[prefix + 'time_controller_ms']:.0f}ms"

@@ -113,6 +113,23 @@ def test_variants_and_truncation_baseline_are_run_together():
     assert {"mc/tail_loss", "mc/trunc_loss", "mc/lod1_loss", "mc/lod2_loss"} <= set(metrics)
 
 
+def test_validation_reports_the_tail_loss_with_the_whole_row_in_context():
+    ctrl = _controller()
+    x, y = _batch()
+    ctrl(x, y, step=0)
+    assert "mc/full_tail_loss" not in ctrl.step_metrics()  # training pays for no extra forward
+    metrics = ctrl.evaluate([(x, y)], step=0)
+    target = ctrl.target_length(0)
+    expected = []
+    with torch.no_grad():
+        per_token = ctrl.model(x, y, loss_reduction="none")  # (B, T): vanilla attention over the whole row
+    for b in range(B):
+        row = sample_row_variants(x[b].numpy(), ctrl.variants_per_row, target, K, ctrl.cfg.mc_max_lod, ctrl.tail, 0)
+        expected.append(float(per_token[b, -shared_raw_tail(row.focused):].mean()))
+    assert metrics["mc_val/full_tail_loss"] == pytest.approx(np.mean(expected), rel=1e-5)
+    assert metrics["mc_val/full_tail_loss"] != pytest.approx(metrics["mc_val/trunc_loss"], rel=1e-4)
+
+
 def test_target_length_anneals_from_80_percent_to_train_wc_length():
     assert wc_length_fraction(0.0, 0.2) == START_FRACTION == 0.8
     assert wc_length_fraction(1.0, 0.2) == pytest.approx(0.2)
