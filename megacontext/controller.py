@@ -250,21 +250,17 @@ class MCController:
                                self.model.config.head_dim, self.device)
         targets = stack_targets([next_token_targets(wc, y_np[b]) for b, wc in enumerate(baselines)],
                                 batch.embeds.shape[1], self.device)
-        longest = max(tails)
         per_token = self.model(inputs_embeds=batch.embeds, rotary=batch.rotary, targets=targets,
-                               loss_reduction="none", loss_last_n=longest).float()  # (B, longest)
-        in_tail = torch.from_numpy(shared_tail_mask([longest] * len(tails), longest, tails)).to(self.device)
-        return _masked_mean(per_token, in_tail & (targets[:, -longest:] >= 0))
+                               loss_reduction="none", loss_last_n=max(tails)).float()  # (B, longest tail)
+        return _tail_means(per_token, targets, tails)
 
     @torch.no_grad()
     def _full_tail_losses(self, x: torch.Tensor, y: torch.Tensor, tails: list[int]) -> torch.Tensor:
         """Float[B] loss of each row's shared raw tail with the whole row in context: what a lossless memory of the
         compressed tokens would reach. Above the truncation baseline, the model gains nothing from the tokens
         before the truncation window, and no working context of that length can beat truncation."""
-        longest = max(tails)
-        per_token = self.model(x, y, loss_reduction="none", loss_last_n=longest).float()  # (B, longest)
-        in_tail = torch.from_numpy(shared_tail_mask([longest] * len(tails), longest, tails)).to(self.device)
-        return _masked_mean(per_token, in_tail & (y[:, -longest:] >= 0))
+        per_token = self.model(x, y, loss_reduction="none", loss_last_n=max(tails)).float()  # (B, longest tail)
+        return _tail_means(per_token, y, tails)
 
     def _build_trees(self, x: torch.Tensor, row_wcs: list[list]) -> list[MegaContextTree]:
         """One RAM tree per row over its T tokens, each gist level from one GistNet call (autograd kept), run only
@@ -364,6 +360,14 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Float[N] row means of values[N, W] over mask; NaN for a row with nothing selected."""
     mean = (values * mask).sum(1) / mask.sum(1).clamp(min=1)
     return torch.where(mask.any(1), mean, torch.full_like(mean, float("nan")))
+
+
+def _tail_means(per_token: torch.Tensor, targets: torch.Tensor, tails: list[int]) -> torch.Tensor:
+    """Float[B] mean of per_token[B, n] (the last n positions' losses, n = max(tails)) over row b's last tails[b]
+    positions that have a target (targets: Long[B, W]); NaN for a row without one."""
+    n = per_token.shape[1]
+    in_tail = torch.from_numpy(shared_tail_mask([n] * len(tails), n, tails)).to(per_token.device)
+    return _masked_mean(per_token, in_tail & (targets[:, -n:] >= 0))
 
 
 def training_objective(mc_cfg: MCConfig, model, train_model, num_iterations: int, seed: int = 0,
