@@ -48,6 +48,7 @@ from megacontext.nets import AUX_KEY, MCNets, has_mc_nets
 from megacontext.telemetry import NoOpTelemetry, TelemetryProvider
 from megacontext.tree import MegaContextTree, RamTreeStore, build_gist_levels, gist_closure
 from megacontext.variants import (
+    RowVariants,
     gists_read,
     sample_row_variants,
     shared_raw_tail,
@@ -195,17 +196,16 @@ class MCController:
 
     # ------------------------------------------------------------------ the work
     def variant_losses(self, x: torch.Tensor, y: torch.Tensor, step: int, train: bool) -> dict:
-        c, K, L = self.cfg, self.cfg.block_size, self.cfg.mc_max_lod
+        c = self.cfg
         B, T = x.shape
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         target = self.target_length(step, T)
-        x_np, y_np = x.cpu().numpy(), y.cpu().numpy()
-        rows = [sample_row_variants(x_np[b], self.variants_per_row, target, K, L, self.tail, step, self.seed)
-                for b in range(B)]
+        y_np = y.cpu().numpy()
+        rows = self.sample_variants(x, step)
         n = self.variants_per_row
         with self.telemetry.span("build", into=timings), self.aux_precision():
-            trees = self._build_trees(x, [r.focused for r in rows])
+            trees = self._build_trees(x, rows)
         variants = [wc for r in rows for wc in r.focused]  # row b: its n variants
         tails = [shared_raw_tail(r.focused) for r in rows]  # per row: the target tokens its variants are compared on
         with self.telemetry.span("positional", into=timings):
@@ -228,10 +228,10 @@ class MCController:
         trunc_tail = torch.full((B,), float("nan"), device=self.device)  # NaN: not measured (metrics skip the row)
         trunc_tail[:measured] = self._baseline_tail_losses([r.baseline for r in rows[:measured]], trees[:measured],
                                                            y_np, tails[:measured])
-        gpt_time += time.perf_counter() - t0
-        tail_loss = torch.cat([var_tail.view(B, n), trunc_tail[:, None]], 1).flatten()  # row b: n variants, baseline
         if not train:  # the ceiling: the same tail with the whole row in context (validation only)
             self.metrics.add("mc/full_tail_loss", float(self._full_tail_losses(x, y, tails).nanmean()))
+        gpt_time += time.perf_counter() - t0
+        tail_loss = torch.cat([var_tail.view(B, n), trunc_tail[:, None]], 1).flatten()  # row b: n variants, baseline
         with self.telemetry.span("lens", into=timings):
             lens_out = self._lens_terms(batch, variants, var_tail, B, n, step)
         ctrl_ms = (time.perf_counter() - t_start - gpt_time) * 1000.0
@@ -262,14 +262,26 @@ class MCController:
         per_token = self.model(x, y, loss_reduction="none", loss_last_n=max(tails)).float()  # (B, longest tail)
         return _tail_means(per_token, y, tails)
 
-    def _build_trees(self, x: torch.Tensor, row_wcs: list[list]) -> list[MegaContextTree]:
-        """One RAM tree per row over its T tokens, each gist level from one GistNet call (autograd kept), run only
-        on the gists the row's working contexts `row_wcs[b]` read and the gists below those (the others would get
-        no gradient and change no loss: skipping them is most of GistNet's cost while the variants are long)."""
+    def sample_variants(self, x: torch.Tensor, step: int) -> list[RowVariants]:
+        """Each row's focused variants and truncation baseline at the target length of `step` (variants.py)."""
+        c, target = self.cfg, self.target_length(step, x.shape[1])
+        return [sample_row_variants(row, self.variants_per_row, target, c.block_size, c.mc_max_lod, self.tail, step,
+                                    self.seed) for row in x.cpu().numpy()]
+
+    def gists_to_build(self, rows: list[RowVariants], num_tokens: int) -> list[np.ndarray]:
+        """Bool[B, n_l] per level: the gists the rows' focused variants read and the gists below those. The others
+        would get no gradient and change no loss; skipping them is most of GistNet's cost while variants are long."""
+        c = self.cfg
+        return gist_closure(gists_read([r.focused for r in rows], num_tokens, c.block_size, c.mc_max_lod),
+                            c.block_size)
+
+    def _build_trees(self, x: torch.Tensor, rows: list[RowVariants]) -> list[MegaContextTree]:
+        """One RAM tree per row over its T tokens, each gist level from one GistNet call (autograd kept), on the
+        gists `gists_to_build` names only."""
         c = self.cfg
         embeds = self.model.embed(x)  # (B, T, D)
-        needed = gist_closure(gists_read(row_wcs, x.shape[1], c.block_size, c.mc_max_lod), c.block_size)
-        levels = build_gist_levels(embeds, self.nets.gist, c.block_size, c.mc_max_lod, needed)
+        levels = build_gist_levels(embeds, self.nets.gist, c.block_size, c.mc_max_lod,
+                                   self.gists_to_build(rows, x.shape[1]))
         return [MegaContextTree(RamTreeStore.from_levels(x[b], [g[b] for g in levels], c.block_size, c.mc_max_lod),
                                 self.model.embed, self.nets.gist) for b in range(x.shape[0])]
 

@@ -69,10 +69,8 @@ def gist_closure(used: list[np.ndarray], block_size: int) -> list[np.ndarray]:
     """The gists to build so that the `used` ones (Bool[B, n_l] per level 1..L) can be: each used node, and level
     by level downwards the K children of every node built above it. Returns new masks of the same shapes."""
     needed = [u.astype(bool, copy=True) for u in used]
-    for level in range(len(needed) - 1, 0, -1):  # level index l holds level l + 1; its children live at l - 1
-        below = needed[level - 1]
-        children = np.repeat(needed[level], block_size, axis=1)[:, : below.shape[1]]
-        below[:, : children.shape[1]] |= children
+    for i in range(len(needed) - 1, 0, -1):  # needed[i] is level i + 1, its children are needed[i - 1]
+        needed[i - 1][:, : needed[i].shape[1] * block_size] |= np.repeat(needed[i], block_size, axis=1)
     return needed
 
 

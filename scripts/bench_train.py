@@ -18,7 +18,8 @@ vanilla / MC steps so load changes on a shared machine hit both alike. The varia
 (80 % of the sequence down to --mc_train_wc_length), and so does their cost, so it measures at the start, middle and
 end of the anneal. Per point and for the run average it prints the cost per training token of --mc ÷ vanilla
 (target: <= 1.5x) and the controller's share of the MC step (tree build, sampling, positions, LensNet, allocator;
-target: <= 10 %), plus the cost per position the GPT trains on (vanilla rows and variants).
+target: <= 10 %), plus the cost per position the GPT trains on (vanilla rows and variants) and GistNet's forward +
+backward on the gists that point's variants read.
 """
 
 import argparse
@@ -30,8 +31,7 @@ import torch
 
 from megacontext.config import MCConfig, add_mc_args
 from megacontext.controller import MCController
-from megacontext.tree import build_gist_levels, gist_closure
-from megacontext.variants import gists_read, sample_row_variants
+from megacontext.tree import build_gist_levels
 from nanochat.common import add_flag, autocast_context, compute_init, device_type_flag, str2bool
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.train_loop import format_count, peak_flops
@@ -167,13 +167,7 @@ def gistnet_ms(ctrl: MCController, model, x: torch.Tensor, mc_step: int | None, 
     """Median ms of GistNet's forward and backward over the batch: on the gists the variants of `mc_step` read (what
     a training step builds), or on the whole tree (mc_step None)."""
     c, device_type = ctrl.cfg, x.device.type
-    needed = None
-    if mc_step is not None:
-        x_np, target = x.cpu().numpy(), ctrl.target_length(mc_step)
-        rows = [sample_row_variants(r, ctrl.variants_per_row, target, c.block_size, c.mc_max_lod, ctrl.tail, mc_step,
-                                    ctrl.seed) for r in x_np]
-        needed = gist_closure(gists_read([r.focused for r in rows], x.shape[1], c.block_size, c.mc_max_lod),
-                              c.block_size)
+    needed = None if mc_step is None else ctrl.gists_to_build(ctrl.sample_variants(x, mc_step), x.shape[1])
 
     def once() -> float:
         t0 = time.perf_counter()
