@@ -218,7 +218,7 @@ class MCController:
                                                      [t for t in tails for _ in range(n)])).to(self.device)
         gpt_time = time.perf_counter()
         per_token = self.model(inputs_embeds=batch.embeds, rotary=batch.rotary, targets=targets,
-                               loss_reduction="none").float()  # (B*n, W)
+                               loss_reduction="none", targeted_only=True).float()  # (B*n, W); gists: no projection
         gpt_time = time.perf_counter() - gpt_time
         valid = targets >= 0
         variant_loss = (per_token * valid).sum() / valid.sum().clamp(min=1)

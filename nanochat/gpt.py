@@ -330,13 +330,16 @@ class GPT(nn.Module):
         return rotary_cos_sin(torch.arange(offset, offset + T, device=device)[None], self.config.head_dim)
 
     def forward(self, idx=None, targets=None, *, inputs_embeds=None, positions=None, rotary=None, attn_mask=None,
-                kv_cache=None, loss_reduction="mean", last_logits_only=False, loss_last_n=None):
+                kv_cache=None, loss_reduction="mean", last_logits_only=False, loss_last_n=None, targeted_only=False):
         """Logits Float32[B, T, V] when targets is None, else the cross-entropy loss (ignore_index=-1):
         "mean" -> scalar, "sum" -> scalar, "none" -> Float[B, T]. See the module docstring for the hooks.
         `last_logits_only`: logits of the last position only, Float32[B, 1, V] (filling a KV cache needs no more;
         the vocabulary projection of every position would dominate the cost of a long recompute).
         `loss_last_n`: the loss of the last n positions only (targets still Long[B, T]; "none" -> Float[B, n]): a
-        caller that scores only a sequence's tail skips the vocabulary projection of the rest."""
+        caller that scores only a sequence's tail skips the vocabulary projection of the rest.
+        `targeted_only`: the vocabulary projection runs only where targets >= 0 (same loss; "none" -> 0 elsewhere, as
+        ignore_index gives): for batches where many positions have no target (gists, padding), whose projection and
+        its backward would be wasted. Off by default: finding the positions costs a host sync on a GPU."""
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx (token ids) or inputs_embeds")
         x = self.embed(idx) if idx is not None else inputs_embeds  # (B, T, D)
@@ -364,17 +367,30 @@ class GPT(nn.Module):
             if targets is None or targets.shape != (B, T) or not 1 <= loss_last_n <= T:
                 raise ValueError(f"loss_last_n needs targets Long[{B}, {T}] and 1 <= n <= {T} (got {loss_last_n})")
             x, targets, T = x[:, -loss_last_n:], targets[:, -loss_last_n:], loss_last_n
-        logits = self.lm_head(x).float()  # fp32 for the softcap and a stable cross-entropy under bf16 autocast
-        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)  # (B, T, V)
         if targets is None:
-            return logits
+            if targeted_only:
+                raise ValueError("targeted_only needs targets: it projects only the positions that have one")
+            return self._logits(x)
         if loss_reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
         if targets.shape != (B, T):
             raise ValueError(f"targets must be Long[{B}, {T}], got {tuple(targets.shape)}")
-        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
-                               reduction=loss_reduction)
-        return loss.view(B, T) if loss_reduction == "none" else loss
+        if not targeted_only:
+            loss = F.cross_entropy(self._logits(x).view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
+                                   reduction=loss_reduction)
+            return loss.view(B, T) if loss_reduction == "none" else loss
+        where = (targets >= 0).nonzero(as_tuple=True)  # (B, T) positions with a target
+        picked = F.cross_entropy(self._logits(x[where]), targets[where], reduction="none")  # (N,)
+        if loss_reduction == "none":
+            return torch.zeros(B, T, dtype=picked.dtype, device=picked.device).index_put(where, picked)
+        if loss_reduction == "sum":
+            return picked.sum()
+        return picked.mean() if picked.numel() else picked.sum() * float("nan")  # NaN like an all-ignored mean
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Softcapped fp32 logits Float32[..., V] of final hidden states Float[..., D]."""
+        logits = self.lm_head(x).float()  # fp32 for the softcap and a stable cross-entropy under bf16 autocast
+        return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

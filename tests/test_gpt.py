@@ -342,6 +342,32 @@ def test_loss_last_n_is_the_tail_of_the_per_token_loss():
         model(idx, loss_last_n=3)
 
 
+def test_targeted_only_projects_only_supervised_positions_with_the_same_loss_and_gradients():
+    model = randomize_outputs(make_model())
+    idx, targets = tokens(2, 8), tokens(2, 8, seed=5)
+    targets[0, :3] = -1
+    targets[1, 5] = -1
+    for reduction in ("none", "sum", "mean"):
+        model.zero_grad()
+        full = model(idx, targets, loss_reduction=reduction)
+        full.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        picked = model(idx, targets, loss_reduction=reduction, targeted_only=True)
+        picked.sum().backward()
+        torch.testing.assert_close(picked, full)
+        for p, g in zip(model.parameters(), grads):
+            torch.testing.assert_close(p.grad, g)
+    projected = []
+    handle = model.lm_head.register_forward_hook(lambda mod, inp, out: projected.append(inp[0].shape[0]))
+    model(idx, targets, targeted_only=True)
+    handle.remove()
+    assert projected == [int((targets >= 0).sum())]  # the 4 untargeted positions never reach the vocabulary
+    assert model(idx, torch.full_like(targets, -1), targeted_only=True).isnan()  # as an all-ignored mean
+    with pytest.raises(ValueError, match="targeted_only"):
+        model(idx, targeted_only=True)
+
+
 def test_generate_greedy_and_seeded():
     model = make_model()
     prompt = [3, 1, 4]
