@@ -85,10 +85,12 @@ class MCConfig:
     # T=512, K=8, 4 variants, same tokens and seed as vanilla): val bpb +0.033 over vanilla at 1.0; -0.001 to +0.008
     # over four runs at 0.25.
     mc_variant_loss_weight: float = 0.25
-    # Bradley-Terry scale in nats, set to the measured RMS of tail-loss differences between random variants of a row
-    # (`mc/pair_delta_rms`): 0.006 -> 0.02 over a 150-step CPU --mc base run (d4, T=512, K=8; 0.034 on val at the
-    # end), 0.3-0.5 for fresh nets on a trained d4 base. It grows as gists become useful; --mc_lens_adv_norm_beta
-    # makes the fit scale-free (then 1.0 is one running RMS).
+    # Bradley-Terry scale in nats, against the measured RMS of tail-loss differences between variants of a row
+    # (`mc/pair_delta_rms`), which grows as the target length shrinks: 0.002, 0.035, 0.055, 0.12 over the quarters of
+    # the README's 300-step CPU --mc base run (d4, T=512, K=8), 0.14 on val at the end. A fresh LensNet fitted for
+    # 300 steps at the final length on that run's checkpoint reached a val preference correlation of -0.27, -0.28 and
+    # -0.19 at 0.02, 0.05 and 0.15: a scale below the RMS fits mostly the sign of each difference, which a few
+    # heavy pairs do not dominate. --mc_lens_adv_norm_beta makes the fit scale-free (then 1.0 is one running RMS).
     mc_lens_temperature: float = 0.05
     mc_lens_adv_norm_beta: float = 0.0
     mc_lens_kl_weight: float = 0.0

@@ -8,8 +8,11 @@ Network, `LensNet(cfg)(embeds, levels, indices, mask) -> Float[B, W]`:
     -> Perceiver-style tail queries: the last `n_tail` real entries (the text being continued) plus a learned slot
        embedding read the whole WC (cross-attention), then every entry reads those queries back: "how much does
        the tail need me?"
-    -> head: optional residual MLP (`mlp`) then Linear -> one signed score per entry; padded entries score 0.
-The score head starts at zero, so an untrained LensNet is neutral (the allocator makes no edits on its say-so).
+    -> head: optional residual MLP (`mlp`) then Linear -> one signed score per entry
+    + a linear read of the features and a per-level bias (`feat_head`); padded entries score 0.
+The linear path holds the positional prior ("detail pays near the cursor") in a handful of weights, which the
+measured labels pin down within a few hundred pairs; the transformer learns what depends on the content. Both
+heads start at zero, so an untrained LensNet is neutral (the allocator makes no edits on its say-so).
 Feed it detached entry embeddings unless lens_loss should also train GistNet through them (usually not: GistNet
 already learns from the LM loss, and LensNet's targets are measured *given* those gists).
 
@@ -93,6 +96,8 @@ class LensNet(nn.Module):
         self.head_mlp = MLP(d, cfg.mlp_ratio) if cfg.head == "mlp" else None
         self.head = nn.Linear(d, 1, bias=False)
         nn.init.zeros_(self.head.weight)
+        self.feat_head = nn.Linear(NUM_FEATURES + cfg.max_level + 1, 1, bias=False)  # features + level one-hot
+        nn.init.zeros_(self.feat_head.weight)
 
     def num_params(self) -> int:
         return count_params(self)
@@ -118,6 +123,9 @@ class LensNet(nn.Module):
         if self.head_mlp is not None:
             x = x + self.head_mlp(rms_norm(x))
         scores = self.head(rms_norm(x)).squeeze(-1).float()  # (B, W)
+        level_onehot = F.one_hot(levels.clamp(0, self.cfg.max_level), self.cfg.max_level + 1)  # (B, W, L + 1)
+        prior = self.feat_head(torch.cat([feats, level_onehot.to(feats.dtype)], -1).to(self.feat_head.weight.dtype))
+        scores = scores + prior.squeeze(-1).float()
         return torch.where(mask, scores, torch.zeros_like(scores))
 
     def _check_inputs(self, embeds, levels, indices, mask):

@@ -39,8 +39,9 @@ def _model(seed=0):
 def _controller(**knobs):
     cfg = MCConfig(mc=True, block_size=K, mc_num_random_variants=3, **knobs)
     ctrl = MCController(cfg, _model(), num_iterations=10)
-    with torch.no_grad():  # a trained-looking LensNet: its zero-initialised head would score everything 0
+    with torch.no_grad():  # a trained-looking LensNet: its zero-initialised heads would score everything 0
         ctrl.nets.lensnet.head.weight.normal_(0, 0.5)
+        ctrl.nets.lensnet.feat_head.weight.normal_(0, 0.5)
     return ctrl
 
 
@@ -338,6 +339,9 @@ def test_allocator_knobs_shape_the_refocus_report():
     for name, knobs in {"eager": {"allocator_expand_threshold": 0.0, "allocator_collapse_threshold": 0.0},
                         "frozen": {"allocator_expand_threshold": 1e9, "allocator_collapse_threshold": -1e9}}.items():
         ctrl = _controller(**knobs)
+        # A LensNet that wants every gist expanded and every raw group collapsed: only the thresholds decide.
+        ctrl.nets.lensnet.forward = lambda embeds, levels, indices, mask: torch.where(
+            mask, (levels > 0).float() * 2 - 1, torch.zeros(levels.shape))
         ctrl.variant_losses(x, y, 0, True)
         reports[name] = ctrl.step_metrics()["mc/swap_rate"]
     assert reports["frozen"] == 0.0 and reports["eager"] > 0.0
