@@ -35,8 +35,8 @@ class AllocatorConfig:
     soft_max_length: int  # the length the allocator aims at
     hard_max_length: int  # W_max: exceeding it after the step is an error
     recent_tokens: int = 0
-    expand_threshold: float = 0.1
-    collapse_threshold: float = -0.1
+    expand_threshold: float = 0.01  # nats of utility (MCConfig explains the scale)
+    collapse_threshold: float = -0.01
     max_replacements: int = 8
     iterations: int = 1
     cooldown: int = 2

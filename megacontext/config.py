@@ -59,8 +59,13 @@ class MCConfig:
     allocator_type: str = "greedy"
     allocator_soft_max_length: int | None = None  # None -> mc_wc_max - refocus interval
     allocator_recent_tokens: int | None = None  # None -> block_size
-    allocator_expand_threshold: float = 0.1
-    allocator_collapse_threshold: float = -0.1
+    # In LensNet's units: a score estimates a node's utility in nats of mean loss on the text being continued.
+    # Measured utilities are small (variants that move a few nodes differ by ~0.1 nats in all, `mc/pair_delta_rms`),
+    # so at ±0.1 a trained LensNet never cleared the bar: on the README's CPU run's checkpoint mc_eval's LensNet +
+    # allocator made no edit (its WC stayed the coarsest cut, 5.344 nats vs 5.291 for truncation); at ±0.01 it
+    # spends the budget (5.300). The small dead zone keeps score noise from swapping nodes back and forth.
+    allocator_expand_threshold: float = 0.01
+    allocator_collapse_threshold: float = -0.01
     allocator_max_replacements: int = 8
     allocator_iterations: int = 1
     allocator_sample_top_k: int = 8
