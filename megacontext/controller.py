@@ -189,7 +189,7 @@ class MCController:
         checkpoint: the nets stay freshly initialised). Architecture settings must match (see `from_checkpoint`)."""
         if not has_mc_nets(meta, aux_states):
             return False
-        self.nets.load_state_dict(aux_states[AUX_KEY], strict=True)
+        self.nets.load_saved(aux_states[AUX_KEY])
         if TRAINER_KEY in aux_states:
             self.lens.load_state_dict(aux_states[TRAINER_KEY])
         return True

@@ -57,6 +57,20 @@ class MCNets(nn.Module):
             return mean_gists(blocks)
         return self.gistnet(blocks, level)
 
+    def load_saved(self, state: dict) -> None:
+        """Load the nets of a checkpoint (strict). Nets saved by another version of these networks (a parameter
+        added or removed since) get an error that names the keys and what to do, not a bare state-dict mismatch."""
+        missing, unexpected = self._key_mismatch(state)
+        if missing or unexpected:
+            raise ValueError(f"this checkpoint's MegaContext nets do not match this version of the networks "
+                             f"(missing {missing or 'none'}, unexpected {unexpected or 'none'}): they were saved by "
+                             "another version; retrain with --mc, or continue its base model with fresh MC nets")
+        self.load_state_dict(state, strict=True)
+
+    def _key_mismatch(self, state: dict) -> tuple[list[str], list[str]]:
+        own = set(self.state_dict())
+        return sorted(own - set(state)), sorted(set(state) - own)
+
     def checkpoint_parts(self) -> tuple[dict, dict]:
         """(aux_states entries, meta entries) to merge into a checkpoint."""
         return {AUX_KEY: self.state_dict()}, {META_KEY: self.cfg.to_dict()}
@@ -72,5 +86,5 @@ def load_mc_nets(meta: dict, aux_states: dict, model) -> MCNets:
         raise ValueError("this checkpoint has no MegaContext nets (it was trained without --mc); train with --mc, "
                          "or run without --mc")
     nets = MCNets.for_model(MCConfig.from_dict(meta[META_KEY]), model)
-    nets.load_state_dict(aux_states[AUX_KEY], strict=True)
+    nets.load_saved(aux_states[AUX_KEY])
     return nets

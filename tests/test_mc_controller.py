@@ -289,6 +289,9 @@ def test_checkpoint_parts_restore_nets_and_lens_state():
     for a, b in zip(fresh.nets.state_dict().values(), ctrl.nets.state_dict().values()):
         torch.testing.assert_close(a, b)
     assert not fresh.load_checkpoint_parts({}, {})  # a vanilla checkpoint: nets stay fresh
+    older = {**aux, "mc": {k: v for k, v in aux["mc"].items() if k != "lensnet.feat_head.weight"}}
+    with pytest.raises(ValueError, match=r"lensnet\.feat_head\.weight.*saved by another version"):
+        fresh.load_checkpoint_parts(meta, older)  # nets saved before a parameter was added: says what to do
 
 
 def test_checkpoint_architecture_wins_over_the_command_line():
