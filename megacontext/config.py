@@ -60,10 +60,13 @@ class MCConfig:
     allocator_soft_max_length: int | None = None  # None -> mc_wc_max - refocus interval
     allocator_recent_tokens: int | None = None  # None -> block_size
     # In LensNet's units: a score estimates a node's utility in nats of mean loss on the text being continued.
-    # Measured utilities are small (variants that move a few nodes differ by ~0.1 nats in all, `mc/pair_delta_rms`),
-    # so at ±0.1 a trained LensNet never cleared the bar: on the README's CPU run's checkpoint mc_eval's LensNet +
-    # allocator made no edit (its WC stayed the coarsest cut, 5.344 nats vs 5.291 for truncation); at ±0.01 it
-    # spends the budget (5.300). The small dead zone keeps score noise from swapping nodes back and forth.
+    # Measured utilities are small (variants that move a few nodes differ by ~0.1 nats in all, `mc/pair_delta_rms`):
+    # at ±0.1 a trained LensNet never cleared the bar (on one CPU checkpoint mc_eval's LensNet + allocator kept the
+    # coarsest cut, 5.344 nats vs 5.291 for truncation; 5.300 at ±0.01). Caveat: training variants of a row all have
+    # the same length, so a constant added to every utility cancels from every label and LensNet's absolute level is
+    # not learned, only its ranking; on another checkpoint it scored every gist of the coarsest cut <= 0 and no
+    # threshold made it expand. Acting on ranks (fill free room best first, swap on a score margin) would not depend
+    # on that level.
     allocator_expand_threshold: float = 0.01
     allocator_collapse_threshold: float = -0.01
     allocator_max_replacements: int = 8
@@ -80,8 +83,11 @@ class MCConfig:
     mc_num_random_variants: int = 4
     mc_train_wc_length: float = 0.2
     # Share of the run over which the target length anneals to mc_train_wc_length; it is held there for the rest,
-    # so LensNet learns at the working point the allocator runs at (its labels drift while the length moves).
-    mc_wc_anneal_fraction: float = 0.75
+    # so LensNet learns at the working point the allocator runs at (its labels drift while the length moves). It also
+    # sets most of --mc's cost (variant positions ~ the mean length). The README's 300-step CPU --mc base run at 0.5
+    # vs 0.75: val bpb +0.003 vs +0.006 over vanilla, preference correlation -0.32 vs -0.36, tail vs truncation the
+    # same (+0.037), bench_train --mc run average ~1.47x vs ~1.52x vanilla.
+    mc_wc_anneal_fraction: float = 0.5
     mc_max_counterfactuals: int = 8
     mc_lens_loss_weight: float = 0.1
     # Weight of the variants' next-token loss. GistNet and the level embedding train with AdamW, whose steps do not
