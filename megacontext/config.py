@@ -86,7 +86,7 @@ class MCConfig:
     # so LensNet learns at the working point the allocator runs at (its labels drift while the length moves). It also
     # sets most of --mc's cost (variant positions ~ the mean length). The README's 300-step CPU --mc base run at 0.5
     # vs 0.75: val bpb +0.003 vs +0.006 over vanilla, preference correlation -0.32 vs -0.36, tail vs truncation the
-    # same (+0.037), bench_train --mc run average ~1.47x vs ~1.52x vanilla.
+    # same (+0.037), bench_train --mc run average 1.49-1.50x vs 1.51-1.52x vanilla.
     mc_wc_anneal_fraction: float = 0.5
     mc_max_counterfactuals: int = 8
     mc_lens_loss_weight: float = 0.1

@@ -123,7 +123,7 @@ class LensNet(nn.Module):
         if self.head_mlp is not None:
             x = x + self.head_mlp(rms_norm(x))
         scores = self.head(rms_norm(x)).squeeze(-1).float()  # (B, W)
-        level_onehot = F.one_hot(levels.clamp(0, self.cfg.max_level), self.cfg.max_level + 1)  # (B, W, L + 1)
+        level_onehot = F.one_hot(levels, self.cfg.max_level + 1)  # (B, W, L + 1)
         prior = self.feat_head(torch.cat([feats, level_onehot.to(feats.dtype)], -1).to(self.feat_head.weight.dtype))
         scores = scores + prior.squeeze(-1).float()
         return torch.where(mask, scores, torch.zeros_like(scores))

@@ -60,16 +60,13 @@ class MCNets(nn.Module):
     def load_saved(self, state: dict) -> None:
         """Load the nets of a checkpoint (strict). Nets saved by another version of these networks (a parameter
         added or removed since) get an error that names the keys and what to do, not a bare state-dict mismatch."""
-        missing, unexpected = self._key_mismatch(state)
+        own, saved = set(self.state_dict()), set(state)
+        missing, unexpected = sorted(own - saved), sorted(saved - own)
         if missing or unexpected:
             raise ValueError(f"this checkpoint's MegaContext nets do not match this version of the networks "
                              f"(missing {missing or 'none'}, unexpected {unexpected or 'none'}): they were saved by "
                              "another version; retrain with --mc, or continue its base model with fresh MC nets")
         self.load_state_dict(state, strict=True)
-
-    def _key_mismatch(self, state: dict) -> tuple[list[str], list[str]]:
-        own = set(self.state_dict())
-        return sorted(own - set(state)), sorted(set(state) - own)
 
     def checkpoint_parts(self) -> tuple[dict, dict]:
         """(aux_states entries, meta entries) to merge into a checkpoint."""

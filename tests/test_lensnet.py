@@ -267,12 +267,21 @@ def _lens_batch(g, w_true, samples, n, D):
             measured.append(_true_loss(lv, ix, u1, u2) + 0.01 * torch.randn((), generator=g))
             table = torch.stack([tokens[ix], g1[ix.clamp(max=N_TOP * K - 1)], g2[ix.clamp(max=N_TOP - 1)]])
             embeds.append(table[lv, torch.arange(lv.numel())])  # (W_v, D)
-    W = max(e.size(0) for e in embeds)
-    E, L, I = torch.zeros(len(embeds), W, D), torch.zeros(len(embeds), W, dtype=torch.long), None
-    I, M = torch.zeros_like(L), torch.zeros(len(embeds), W, dtype=torch.bool)
-    for v, (e, (lv, ix)) in enumerate(zip(embeds, variants)):
-        E[v, :lv.numel()], L[v, :lv.numel()], I[v, :lv.numel()], M[v, :lv.numel()] = e, lv, ix, True
+    L, I, M = _padded_cuts(variants)
+    E = torch.zeros(*L.shape, D)
+    for v, e in enumerate(embeds):
+        E[v, :e.size(0)] = e
     return variants, torch.tensor(group), torch.stack(measured), (E, L, I, M)
+
+
+def _padded_cuts(variants):
+    """Right-padded levels, indices Long[N, W] and the real-entry mask Bool[N, W] of (levels, indices) cuts."""
+    W = max(lv.numel() for lv, _ in variants)
+    L, I = torch.zeros(len(variants), W, dtype=torch.long), torch.zeros(len(variants), W, dtype=torch.long)
+    M = torch.zeros(len(variants), W, dtype=torch.bool)
+    for v, (lv, ix) in enumerate(variants):
+        L[v, :lv.numel()], I[v, :lv.numel()], M[v, :lv.numel()] = lv, ix, True
+    return L, I, M
 
 
 def test_lensnet_learns_utilities_from_measured_losses(one_thread):
@@ -302,13 +311,9 @@ def _positional_batch(g, samples, n, D):
     u1, u2 = torch.linspace(0.0, 0.3, N_TOP * K) ** 2, torch.linspace(0.0, 0.5, N_TOP) ** 2
     variants = [_random_cut(g) for _ in range(samples * n)]
     measured = torch.stack([_true_loss(lv, ix, u1, u2) + 0.01 * torch.randn((), generator=g) for lv, ix in variants])
-    W = max(lv.numel() for lv, _ in variants)
-    L, I = torch.zeros(len(variants), W, dtype=torch.long), torch.zeros(len(variants), W, dtype=torch.long)
-    M = torch.zeros(len(variants), W, dtype=torch.bool)
-    for v, (lv, ix) in enumerate(variants):
-        L[v, :lv.numel()], I[v, :lv.numel()], M[v, :lv.numel()] = lv, ix, True
+    L, I, M = _padded_cuts(variants)
     group = torch.arange(samples).repeat_interleave(n)
-    return variants, group, measured, (torch.randn(len(variants), W, D, generator=g), L, I, M)
+    return variants, group, measured, (torch.randn(*L.shape, D, generator=g), L, I, M)
 
 
 def test_the_linear_feature_path_alone_learns_a_distance_prior(one_thread):
