@@ -1,7 +1,10 @@
 """Focus allocator: turns LensNet's signed per-entry scores into legal expand / collapse edits of the WC.
 
 A score > 0 asks for more detail (expand the gist into its K children), < 0 for less (collapse K siblings into
-their parent). One `FocusAllocator.step` call:
+their parent). With `relative_scores` (the default) that sign is read after subtracting the mean score of the
+entries outside the recent tail: LensNet learns from same-length variants, which pin down how nodes rank but not a
+constant added to all of them, so only differences between scores carry information. One `FocusAllocator.step`
+call:
 
 1. budget: while the WC is longer than the soft limit, collapse the lowest-scoring complete sibling groups
    (hysteresis-locked groups last); these forced collapses do not count against `max_replacements`;
@@ -35,8 +38,9 @@ class AllocatorConfig:
     soft_max_length: int  # the length the allocator aims at
     hard_max_length: int  # W_max: exceeding it after the step is an error
     recent_tokens: int = 0
-    expand_threshold: float = 0.01  # nats of utility (MCConfig explains the scale)
-    collapse_threshold: float = -0.01
+    expand_threshold: float = 0.0  # nats of utility (MCConfig explains the scale and the reference)
+    collapse_threshold: float = 0.0
+    relative_scores: bool = True  # thresholds read score - mean score outside the recent tail
     max_replacements: int = 8
     iterations: int = 1
     cooldown: int = 2
@@ -54,6 +58,7 @@ class AllocatorConfig:
             recent_tokens=cfg.recent_tokens,
             expand_threshold=cfg.allocator_expand_threshold,
             collapse_threshold=cfg.allocator_collapse_threshold,
+            relative_scores=cfg.allocator_scores == "relative",
             max_replacements=cfg.allocator_max_replacements,
             iterations=cfg.allocator_iterations,
             cooldown=cfg.allocator_cooldown,
@@ -90,6 +95,8 @@ class FocusAllocator:
         cfg, step = self.cfg, self.steps
         self.steps += 1
         s = _as_scores(scores, len(wc))
+        if cfg.relative_scores:
+            s = s - _reference_level(wc, s, cfg.recent_tokens)
         before, firsts = len(wc), []
         wc, s, forced, first = self._enforce_budget(wc, s, step)
         firsts.append(first)
@@ -193,6 +200,17 @@ def _as_scores(scores, W: int) -> np.ndarray:
     if not np.isfinite(s).all():
         raise ValueError("scores contain NaN or inf; check LensNet's output")
     return s
+
+
+def _reference_level(wc: WorkingContext, s: np.ndarray, recent_tokens: int) -> float:
+    """Mean score of the entries that end before the recent tail (0 when there are none): the level the relative
+    thresholds are measured from. The tail is left out: it is raw in every training variant, so LensNet's scores
+    there are fitted to nothing, and a long raw tail would otherwise set the level."""
+    if len(wc) == 0:
+        return 0.0
+    _, ends = wc.spans()
+    outside = ends <= wc.num_tokens - recent_tokens
+    return float(s[outside].mean()) if outside.any() else 0.0
 
 
 def _group_stats(wc: WorkingContext, s: np.ndarray, starts: np.ndarray, locked: np.ndarray):

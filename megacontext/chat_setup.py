@@ -2,22 +2,23 @@
 
 The nets' architecture (block size, levels, GistNet / LensNet shapes) comes from the checkpoint; only the settings
 that are free at inference time can be changed on the command line: where the tree lives, how often to refocus,
-the allocator's soft budget, how many conversations stay open, and where each reply's event is logged.
+the allocator's budget and policy (it is not trained), how many conversations stay open, and where each reply's
+event is logged.
 """
 
 import argparse
-import dataclasses
 import os
 
 import torch
 
 from megacontext.chat_store import MCConversationStore
 from megacontext.chat_telemetry import ReplyLog
-from megacontext.config import TREE_BACKENDS
+from megacontext.config import ALLOCATOR_POLICY_FLAGS, TREE_BACKENDS, add_allocator_policy_args, with_overrides
 from megacontext.nets import load_mc_nets
 from nanochat.common import add_flag, get_base_dir
 
-INFERENCE_FIELDS = ("mc_tree", "mc_tree_dir", "mc_refocus_interval", "allocator_soft_max_length")
+INFERENCE_FIELDS = ("mc_tree", "mc_tree_dir", "mc_refocus_interval", "allocator_soft_max_length",
+                    *ALLOCATOR_POLICY_FLAGS)
 
 
 def add_mc_chat_args(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +29,7 @@ def add_mc_chat_args(parser: argparse.ArgumentParser) -> None:
              help="where disk conversations live ($NANOCHAT_BASE_DIR/mc_conversations)")
     add_flag(g, "--mc_refocus_interval", type=int, default=None, help="tokens between refocus steps")
     add_flag(g, "--allocator_soft_max_length", type=int, default=None, help="WC length each refocus aims for")
+    add_allocator_policy_args(g)
     add_flag(g, "--mc_max_conversations", type=int, default=16, help="conversations kept open (LRU beyond)")
     add_flag(g, "--mc_log", default=None,
              help="JSONL file of per-reply events (default: $NANOCHAT_BASE_DIR/chat_logs/mc_replies.jsonl)")
@@ -48,10 +50,7 @@ def load_mc_checkpoint(source: str, device: torch.device, model_tag: str | None,
 
 def apply_inference_overrides(nets, args, sequence_len: int) -> None:
     """Command-line settings that are free at inference replace the checkpoint's (validated)."""
-    changes = {name: getattr(args, name) for name in INFERENCE_FIELDS if getattr(args, name, None) is not None}
-    cfg = dataclasses.replace(nets.cfg, **changes).validate()
-    cfg.resolve(sequence_len)  # raises naming the flag when the combination cannot work
-    nets.cfg = cfg
+    nets.cfg = with_overrides(nets.cfg, args, INFERENCE_FIELDS, sequence_len)
 
 
 def build_store(model, tokenizer, nets, args) -> MCConversationStore:

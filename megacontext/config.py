@@ -25,6 +25,7 @@ POOLINGS = ("mean", "query", "cls")
 HEADS = ("mlp", "linear")
 LENSNET_TYPES = ("transformer",)
 ALLOCATOR_TYPES = ("greedy", "stochastic_greedy")
+SCORE_REFERENCES = ("relative", "absolute")
 TREE_BACKENDS = ("ram", "disk")
 POSITIONAL_SCHEMES = ("wc", "global", "gaussian")
 AUX_DTYPES = ("auto", "fp32", "bf16")
@@ -59,16 +60,18 @@ class MCConfig:
     allocator_type: str = "greedy"
     allocator_soft_max_length: int | None = None  # None -> mc_wc_max - refocus interval
     allocator_recent_tokens: int | None = None  # None -> block_size
-    # In LensNet's units: a score estimates a node's utility in nats of mean loss on the text being continued.
-    # Measured utilities are small (variants that move a few nodes differ by ~0.1 nats in all, `mc/pair_delta_rms`):
-    # at ±0.1 a trained LensNet never cleared the bar (on one CPU checkpoint mc_eval's LensNet + allocator kept the
-    # coarsest cut, 5.344 nats vs 5.291 for truncation; 5.300 at ±0.01). Caveat: training variants of a row all have
-    # the same length, so a constant added to every utility cancels from every label and LensNet's absolute level is
-    # not learned, only its ranking; on another checkpoint it scored every gist of the coarsest cut <= 0 and no
-    # threshold made it expand. Acting on ranks (fill free room best first, swap on a score margin) would not depend
-    # on that level.
-    allocator_expand_threshold: float = 0.01
-    allocator_collapse_threshold: float = -0.01
+    # A score estimates a node's utility in nats of mean loss on the text being continued. Training variants of a
+    # row all have the same length, so a constant added to every utility cancels from every label: LensNet learns
+    # how nodes rank, not its absolute level (one CPU checkpoint scored every gist of the coarsest cut < 0).
+    # "relative" reads each score minus the mean score of the WC's entries outside the recent tail (the tail is raw
+    # in every variant, so its scores are fitted to nothing); "absolute" reads the raw scores. The thresholds are
+    # margins from that level: at 0 the allocator expands above-average gists into free room and swaps them for
+    # below-average groups, and an all-equal (untrained) LensNet makes no edit. On that checkpoint (mc_eval, budget
+    # 102 entries, 32 documents) relative margins ±0 / ±0.005 / ±0.01 made 12 / 10 / 0 expansions per document, for
+    # 5.299 / 5.300 / 5.328 nats (recency staircase 5.293); absolute thresholds made none at any value >= 0.
+    allocator_scores: str = "relative"
+    allocator_expand_threshold: float = 0.0
+    allocator_collapse_threshold: float = 0.0
     allocator_max_replacements: int = 8
     allocator_iterations: int = 1
     allocator_sample_top_k: int = 8
@@ -184,6 +187,7 @@ class MCConfig:
             ("lensnet_type", LENSNET_TYPES),
             ("lensnet_head", HEADS),
             ("allocator_type", ALLOCATOR_TYPES),
+            ("allocator_scores", SCORE_REFERENCES),
             ("mc_tree", TREE_BACKENDS),
             ("mc_positional", POSITIONAL_SCHEMES),
             ("mc_aux_dtype", AUX_DTYPES),
@@ -340,6 +344,8 @@ def add_mc_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     add_flag(g, "--allocator_soft_max_length", type=int, default=None,
              help="WC length the allocator aims for (default: W_max - refocus interval)")
     add_flag(g, "--allocator_recent_tokens", type=int, default=None, help="raw tail kept at level 0 (default: K)")
+    add_flag(g, "--allocator_scores", choices=SCORE_REFERENCES, default=d.allocator_scores,
+             help="thresholds read scores relative to the mean outside the recent tail, or absolute")
     add_flag(g, "--allocator_expand_threshold", type=float, default=d.allocator_expand_threshold)
     add_flag(g, "--allocator_collapse_threshold", type=float, default=d.allocator_collapse_threshold)
     add_flag(g, "--allocator_max_replacements", type=int, default=d.allocator_max_replacements)
@@ -376,3 +382,31 @@ def add_mc_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
              help="write MC telemetry events to this JSONL file (MC_OTEL_ENDPOINT, when set, wins: OTLP)")
     add_flag(g, "--mc_auto_batch", type=str2bool, default=d.mc_auto_batch, help="keep the vanilla token budget (1|0)")
     return g
+
+
+# The focus allocator is not trained: its policy can change at inference (chat, mc_eval) without retraining.
+ALLOCATOR_POLICY_FLAGS = {
+    "allocator_type": dict(choices=ALLOCATOR_TYPES),
+    "allocator_scores": dict(choices=SCORE_REFERENCES),
+    "allocator_expand_threshold": dict(type=float),
+    "allocator_collapse_threshold": dict(type=float),
+    "allocator_max_replacements": dict(type=int),
+    "allocator_iterations": dict(type=int),
+    "allocator_cooldown": dict(type=int),
+    "allocator_sample_top_k": dict(type=int),
+    "allocator_sample_temperature": dict(type=float),
+}
+
+
+def add_allocator_policy_args(group) -> None:
+    """The allocator flags an inference script accepts on top of a checkpoint; None keeps the checkpoint's value."""
+    for name, kind in ALLOCATOR_POLICY_FLAGS.items():
+        add_flag(group, "--" + name, default=None, help="default: the checkpoint's", **kind)
+
+
+def with_overrides(cfg: MCConfig, args, names, sequence_len: int) -> MCConfig:
+    """`cfg` with the flags in `names` that were given on the command line, validated for `sequence_len`."""
+    changes = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    new = dataclasses.replace(cfg, **changes).validate()
+    new.resolve(sequence_len)  # raises naming the flag when the combination cannot work
+    return new

@@ -22,6 +22,7 @@ A method that cannot run on a document (the history does not fit the window, or 
 `MethodSkipped` with the reason, which the report prints.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -211,12 +212,8 @@ def _lens_focus(setup: EvalSetup, trees, N: int, result: MethodResult):
     """The coarsest cut, then `lens_steps` LensNet + allocator refocus steps (all documents scored together)."""
     cfg, W, E = setup.cfg, setup.budget, setup.eval_tokens
     K, L = cfg.block_size, cfg.mc_max_lod
-    acfg = AllocatorConfig(
-        block_size=K, max_level=L, soft_max_length=W, hard_max_length=W, recent_tokens=E,
-        expand_threshold=cfg.allocator_expand_threshold, collapse_threshold=cfg.allocator_collapse_threshold,
-        max_replacements=cfg.allocator_max_replacements, iterations=cfg.allocator_iterations,
-        cooldown=cfg.allocator_cooldown, stochastic=cfg.allocator_type == "stochastic_greedy",
-        sample_top_k=cfg.allocator_sample_top_k, sample_temperature=cfg.allocator_sample_temperature)
+    acfg = dataclasses.replace(AllocatorConfig.from_mc(cfg, setup.model.config.sequence_len),
+                               soft_max_length=W, hard_max_length=W, recent_tokens=E)
     allocators = [FocusAllocator(acfg, seed=setup.seed + i) for i in range(len(trees))]
     wcs = [coarsest_wc(N, K, L, recent_tokens=E) for _ in trees]
     model = setup.model

@@ -23,7 +23,7 @@ import re
 
 import torch
 
-from megacontext.config import MCConfig
+from megacontext.config import ALLOCATOR_POLICY_FLAGS, MCConfig, add_allocator_policy_args, with_overrides
 from megacontext.eval_docs import load_recall_file, nested_windows, synthetic_recall_cases, token_stream
 from megacontext.eval_methods import METHODS, EvalSetup, MethodSkipped, TreeCache, run_method
 from megacontext.eval_metrics import read_loss_log, recall_table, summarize_history, telemetry_rows, training_curve
@@ -103,6 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "--mc-max-lod", type=int, default=2, help="max level of --fresh-mc-nets")
     add_flag(p, "--gistnet-type", choices=("transformer", "mean"), default="transformer",
              help="gists of --fresh-mc-nets (mean: parameter-free, the only untrained gists that mean something)")
+    add_allocator_policy_args(p.add_argument_group("focus allocator of mc_lens (default: the checkpoint's)"))
     add_flag(p, "--seed", type=int, default=0)
     add_flag(p, "--out-dir", default=None, help="plots and JSON (default: $NANOCHAT_BASE_DIR/report/mc_eval)")
     args = p.parse_args(strip_separator(argv))
@@ -138,6 +139,7 @@ def load(args, device):
                          "with --mc (tag d<depth>_mc), or pass --fresh-mc-nets to check the pipeline only")
     else:
         nets = load_mc_nets(meta, aux, model)
+    nets.cfg = with_overrides(nets.cfg, args, ALLOCATOR_POLICY_FLAGS, model.config.sequence_len)
     return model, nets.eval(), meta, f"{os.path.basename(checkpoint_dir)} step {step}"
 
 
@@ -217,6 +219,8 @@ def main(argv=None) -> dict:
     results = {"config": {"checkpoint": where, "window": window, "wc_budget": budget, "compression": window / budget,
                           "eval_tokens": setup.eval_tokens, "block_size": cfg.block_size, "max_lod": cfg.mc_max_lod,
                           "gistnet": cfg.gistnet_type, "positions": cfg.mc_positional, "max_docs": args.max_docs,
+                          "allocator": f"{cfg.allocator_type}, {cfg.allocator_scores} scores, expand > "
+                                       f"{cfg.allocator_expand_threshold:g}, collapse < {cfg.allocator_collapse_threshold:g}",
                           "fresh_mc_nets": args.fresh_mc_nets, "device": str(device)},
                "histories": {}, "notes": {}, "recall": {}, "speed": []}
     streams = {}

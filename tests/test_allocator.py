@@ -1,5 +1,7 @@
 """Focus allocator: legality under any score sequence, greedy choices, budget, hysteresis, sampling."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -110,6 +112,28 @@ def test_thresholds_gate_edits():
     assert rep.expands == 0 and rep.collapses == 0
 
 
+def test_relative_scores_read_differences_and_ignore_the_recent_tail():
+    # LensNet learns utilities up to a constant (every training variant of a row has the same length), so in the
+    # default relative mode adding a constant to every score, or any value to the untrained raw tail, changes nothing
+    wc = coarsest_wc(400, K, L, R)
+    cfg = config(soft_max_length=len(wc) + 2 * (K - 1), max_replacements=4)
+    scores = np.zeros(len(wc))
+    scores[1], scores[4] = 0.3, 0.2
+    edits = lambda alloc, s: np.flatnonzero(alloc.step(wc, s)[0].changed_at == 0).tolist()  # noqa: E731
+    wanted = edits(FocusAllocator(cfg), scores)
+    assert len(wanted) == 2 * K
+    shifted = scores - 5.0
+    shifted[-R:] = 40.0
+    assert edits(FocusAllocator(cfg), shifted) == wanted
+    # the same shift read as absolute scores: nothing clears the expand threshold any more
+    assert edits(FocusAllocator(dataclasses.replace(cfg, relative_scores=False)), shifted) == []
+    # equal scores (an untrained LensNet scores 0 everywhere) carry no preference: no edit in either mode
+    for relative in (True, False):
+        alloc = FocusAllocator(dataclasses.replace(cfg, relative_scores=relative))
+        same, rep = alloc.step(wc, np.zeros(len(wc)))
+        assert same is wc and rep.expands == rep.collapses == 0
+
+
 def test_recent_tail_is_never_collapsed():
     wc = recency_wc(300, K, L, budget=300, recent_tokens=R)  # all raw
     alloc = FocusAllocator(config(soft_max_length=50, hard_max_length=80, max_replacements=1000))
@@ -158,7 +182,7 @@ def test_cooldown_blocks_reexpanding_a_collapsed_parent():
 def test_max_replacements_and_iterations():
     wc = coarsest_wc(4000, K, L, R)
     one = FocusAllocator(config(soft_max_length=10**4, hard_max_length=10**4, max_replacements=3))
-    _, rep = one.step(wc, np.ones(len(wc)))
+    _, rep = one.step(wc, np.linspace(0.0, 1.0, len(wc)))  # half the entries above the WC's level
     assert rep.expands == 3
     deep = FocusAllocator(config(soft_max_length=10**4, hard_max_length=10**4, max_replacements=100, iterations=3))
     scores = np.zeros(len(wc))
@@ -204,3 +228,5 @@ def test_config_from_mc():
     mc = MCConfig(block_size=8, allocator_type="stochastic_greedy", allocator_cooldown=5).resolve(512)
     cfg = AllocatorConfig.from_mc(mc)
     assert cfg.stochastic and cfg.cooldown == 5 and cfg.hard_max_length == 512 and cfg.recent_tokens == 8
+    assert cfg.relative_scores
+    assert not AllocatorConfig.from_mc(MCConfig(block_size=8, allocator_scores="absolute").resolve(512)).relative_scores

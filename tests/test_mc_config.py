@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megacontext.config import MCConfig, add_mc_args
+from megacontext.config import ALLOCATOR_POLICY_FLAGS, MCConfig, add_allocator_policy_args, add_mc_args, with_overrides
 from megacontext.working_context import min_wc_length
 
 
@@ -151,3 +151,21 @@ def test_max_history_tokens_really_fits(k, lod, tail_blocks, extra):
     history = min(cfg.max_history_tokens(), 10**6)
     assert min_wc_length(history, k, lod, cfg.recent_tokens) <= cfg.soft_max_length()
 
+
+
+def test_inference_scripts_override_the_allocator_policy_of_a_checkpoint():
+    parser = argparse.ArgumentParser()
+    add_allocator_policy_args(parser)
+    saved = MCConfig(mc=True, block_size=8, allocator_expand_threshold=0.01, allocator_collapse_threshold=-0.01)
+    untouched = with_overrides(saved, parser.parse_args([]), ALLOCATOR_POLICY_FLAGS, 512)
+    assert untouched == saved  # no flag: the checkpoint's policy
+    args = parser.parse_args(["--allocator-scores", "absolute", "--allocator_expand_threshold", "0"])
+    cfg = with_overrides(saved, args, ALLOCATOR_POLICY_FLAGS, 512)
+    assert (cfg.allocator_scores, cfg.allocator_expand_threshold, cfg.allocator_collapse_threshold) == (
+        "absolute", 0.0, -0.01)
+    assert cfg.block_size == 8  # architecture stays the checkpoint's
+    bad = parser.parse_args(["--allocator_collapse_threshold", "0.5"])
+    with pytest.raises(ValueError, match="--allocator_collapse_threshold"):
+        with_overrides(saved, bad, ALLOCATOR_POLICY_FLAGS, 512)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--allocator_scores", "centred"])

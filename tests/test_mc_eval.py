@@ -243,8 +243,11 @@ def test_mc_eval_script_writes_tables_plots_json_and_the_report_section(tmp_path
     results = mc_eval.main(["--device-type", "cpu", "--text-files", str(text), "--history", "0.75,4",
                             "--wc-budget", "16", "--eval-tokens", "4", "--max-docs", "2", "--recall-cases", "2",
                             "--recall-file", str(cases), "--loss-logs", f"mc={log}", "--speed-repeats", "1",
-                            "--oracle-rounds", "2", "--oracle-candidates", "4"])
+                            "--oracle-rounds", "2", "--oracle-candidates", "4",
+                            "--allocator-expand-threshold", "1e9", "--allocator-collapse-threshold=-1e9"])
     per = results["histories"]["story.txt"]
+    assert per[48]["mc_lens"]["swap_rate"] == 0.0  # the frozen allocator of the command line, not the saved one
+    assert results["config"]["allocator"] == "greedy, relative scores, expand > 1e+09, collapse < -1e+09"
     assert sorted(per) == [48, 256]
     assert all("loss" in per[48][m] and "gap_closed" in per[48][m] for m in METHODS)
     assert per[256]["full"] == {"skipped": "a context of 256 tokens exceeds the model's window of 64"}
