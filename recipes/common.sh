@@ -152,7 +152,7 @@ run_multi_gpu_recipe() {
 # megacontext/config.py's add_mc_args (tests/test_recipes_mc.py keeps the two lists equal).
 MC_KNOBS=(block_size mc_max_lod mc_tree mc_tree_dir gistnet_type gistnet_layers gistnet_pooling gistnet_head
   lensnet_type lensnet_layers lensnet_head allocator_type allocator_soft_max_length allocator_recent_tokens
-  allocator_expand_threshold allocator_collapse_threshold allocator_max_replacements allocator_iterations
+  allocator_scores allocator_expand_threshold allocator_collapse_threshold allocator_max_replacements allocator_iterations
   allocator_sample_top_k allocator_sample_temperature allocator_cooldown mc_wc_max mc_positional mc_refocus_interval
   mc_aux_dtype mc_num_random_variants mc_train_wc_length mc_wc_anneal_fraction mc_max_counterfactuals
   mc_lens_loss_weight mc_variant_loss_weight mc_lens_temperature mc_lens_adv_norm_beta mc_lens_kl_weight mc_lens_budget_smooth_weight
