@@ -338,10 +338,13 @@ class MCController:
             m.add("mc/adv_delta_mean", float(adv[ok].mean()))
             m.add("mc/adv_delta_p95", percentile(adv[ok], 0.95))
         lods = torch.tensor([r.max_levels for r in rows], device=ok.device)  # (B, n)
+        plain = torch.tensor([r.plain for r in rows], device=ok.device)  # (B, n)
         for k in range(1, self.cfg.mc_max_lod + 1):
-            sel = (lods == k) & ok
-            if sel.any():
-                m.add(f"mc/lod{k}_loss", float(var_tail[sel].mean()), weight=int(sel.sum()))
+            for name, sel in ((f"mc/lod{k}_loss", (lods == k) & ok),
+                              (f"mc/staircase_lod{k}_loss", (lods == k) & plain & ok)):
+                if sel.any():
+                    m.add(name, float(var_tail[sel].mean()), weight=int(sel.sum()))
+            m.add_values(f"mc/staircase_lod{k}_gain", adv[(lods == k) & plain & ok])  # one plain variant per row
         m.add("mc/lens_loss", float(lens_out["lens_loss"].detach()))
         m.add_pairs(lens_out["pred_delta"], lens_out["measured_delta"])
         m.add("mc/pair_delta_rms", lens_out["delta_rms"])

@@ -13,6 +13,12 @@ Definitions (all losses in nats per target token):
   over `max_seq_len` sees it: the ceiling of a lossless memory. When it is not below `mc/trunc_loss`, the model
   gains nothing from the tokens before the truncation window, so no variant can beat the baseline;
 - `mc/lod{k}_loss`: `mc/tail_loss` of the variants whose deepest allowed gist level is k;
+- `mc/staircase_lod{k}_loss`: the same for the plain recency staircase alone (no random swap): the cut the
+  allocator keeps near when LensNet agrees with recency, so the one to hold against `mc/trunc_loss`; the swapped
+  variants exist to give LensNet labels and are worse by design;
+- `mc/staircase_lod{k}_gain`, `..._gain_se`: per row, truncation tail loss − staircase tail loss (> 0: the gists
+  beat the raw tokens they displace), its mean over rows and the standard error of that mean (paired, so
+  the difference between rows' difficulty cancels);
 - `mc/adv_delta_mean|p95`: advantage of a variant over the baseline, trunc tail loss − variant tail loss
   (> 0: the gists carry information the truncated window lacks), mean and 95th percentile over variants;
 - `mc/preference_corr_mean`: Pearson correlation, over every same-row variant pair of the step (all micro-batches
@@ -40,16 +46,23 @@ PER_PROCESS = ("mc/time_controller_ms",)  # per step, averaged over processes
 def metric_names(max_level: int) -> list[str]:
     return (["mc/token_loss", "mc/tail_loss", "mc/trunc_loss", "mc/full_tail_loss"]
             + [f"mc/lod{k}_loss" for k in range(1, max_level + 1)]
+            + [f"mc/staircase_lod{k}_loss" for k in range(1, max_level + 1)]
+            + [f"mc/staircase_lod{k}_gain" for k in range(1, max_level + 1)]
             + ["mc/lens_loss", "mc/adv_delta_mean", "mc/adv_delta_p95", "mc/preference_corr_mean",
                "mc/pair_delta_rms", "mc/swap_rate", "mc/residency", "mc/target_wc_length", "mc/shared_tail_tokens",
                *TOTALS, *PER_PROCESS])
+
+
+def with_standard_error(name: str) -> bool:
+    """Metrics recorded one value per row, whose collected value comes with the standard error of its mean."""
+    return name.endswith("_gain")
 
 
 class StepMetrics:
     def __init__(self, max_level: int):
         self.names = metric_names(max_level)
         self._index = {n: i for i, n in enumerate(self.names)}
-        self._sums = torch.zeros(len(self.names), 2, dtype=torch.float64)  # (sum, count)
+        self._sums = torch.zeros(len(self.names), 3, dtype=torch.float64)  # (sum, count, sum of squares)
         self._pairs = torch.zeros(6, dtype=torch.float64)  # n, Σx, Σy, Σxy, Σx², Σy² of (predicted, measured) Δ
 
     def add(self, name: str, value: float, weight: float = 1.0) -> None:
@@ -59,6 +72,14 @@ class StepMetrics:
         i = self._index[name]
         self._sums[i, 0] += float(value) * weight
         self._sums[i, 1] += weight
+        self._sums[i, 2] += float(value) ** 2 * weight
+
+    def add_values(self, name: str, values: torch.Tensor) -> None:
+        """Record one value per item (e.g. per row), so the mean's standard error can be computed."""
+        v = values.detach().double().flatten().cpu()
+        if v.numel():
+            self._sums[self._index[name]] += torch.stack([v.sum(), torch.tensor(float(v.numel()), dtype=torch.float64),
+                                                          v.square().sum()])
 
     def add_pairs(self, predicted: torch.Tensor, measured: torch.Tensor) -> None:
         """Pool (predicted, measured) loss differences of variant pairs for `mc/preference_corr_mean`."""
@@ -75,14 +96,17 @@ class StepMetrics:
             dist.all_reduce(sums)
             sums = sums.cpu()
             ranks = dist.get_world_size()
-        sums, pairs = sums[:-6].view(-1, 2), sums[-6:]
+        sums, pairs = sums[:-6].view(-1, 3), sums[-6:]
         self._sums.zero_()
         self._pairs.zero_()
         out = {}
-        for name, (total, count) in zip(self.names, sums.tolist()):
+        for name, (total, count, squares) in zip(self.names, sums.tolist()):
             if count == 0:
                 continue
             out[name] = total if name in TOTALS else total / ranks if name in PER_PROCESS else total / count
+            if with_standard_error(name) and count > 1:
+                var = max(squares - total * total / count, 0.0) / (count - 1)
+                out[name + "_se"] = math.sqrt(var / count)
         corr = _pearson(*pairs.tolist())
         if not math.isnan(corr):
             out["mc/preference_corr_mean"] = -corr  # utility (−Δ predicted loss) against measured ΔNLL
@@ -106,14 +130,22 @@ def percentile(values: torch.Tensor, q: float) -> float:
 
 def progress_note(metrics: dict, prefix: str = "mc/") -> str:
     """The MC part of a progress or eval line ("" without MC metrics): variant loss, tail loss vs the truncation
-    baseline, preference correlation, controller ms."""
+    baseline (in validation also the whole row's and each plain staircase's), preference correlation, controller
+    ms."""
     if f"{prefix}token_loss" not in metrics:
         return ""
     line = f" | mc: {metrics[prefix + 'token_loss']:.4f}"
     if prefix + "tail_loss" in metrics:
         line += f" tail {metrics[prefix + 'tail_loss']:.4f} vs trunc {metrics[prefix + 'trunc_loss']:.4f}"
-    if prefix + "full_tail_loss" in metrics:
+    if prefix + "full_tail_loss" in metrics:  # validation: the ceiling, and the staircases per level of detail
         line += f" (full row {metrics[prefix + 'full_tail_loss']:.4f})"
+        stairs = sorted(k for k in metrics if k.startswith(prefix + "staircase_lod") and k.endswith("_loss"))
+        if stairs:
+            lods = "/".join(k[len(prefix + "staircase_"):-len("_loss")] for k in stairs)
+            line += f" | staircase {lods} " + "/".join(f"{metrics[k]:.4f}" for k in stairs)
+            gains = [(metrics.get(k[:-len("loss")] + "gain"), metrics.get(k[:-len("loss")] + "gain_se")) for k in stairs]
+            if all(g is not None and se is not None for g, se in gains):
+                line += " (gain " + "/".join(f"{g:+.4f}±{se:.4f}" for g, se in gains) + ")"
     corr = metrics.get(prefix + "preference_corr_mean")
     line += "" if corr is None else f" | pref corr {corr:+.2f}"
     return line + f" | ctrl: {metrics[prefix + 'time_controller_ms']:.0f}ms"

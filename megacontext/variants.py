@@ -73,10 +73,12 @@ def truncation_wc(num_tokens: int, length: int, block_size: int) -> WorkingConte
 
 @dataclass
 class RowVariants:
-    """The WCs of one row: `focused[i]` uses levels up to `max_levels[i]`; `baseline` is the truncation WC."""
+    """The WCs of one row: `focused[i]` uses levels up to `max_levels[i]` and is the plain recency staircase when
+    `plain[i]` (no random swap); `baseline` is the truncation WC."""
 
     focused: list[WorkingContext]
     max_levels: list[int]
+    plain: list[bool]
     baseline: WorkingContext
 
 
@@ -118,7 +120,8 @@ def sample_row_variants(row_tokens: np.ndarray, n: int, target: int, block_size:
         swaps = int(rng.integers(1, MAX_SWAPS + 1)) if lod in levels else 0  # one plain staircase per level
         wcs.append(focused_wc(T, block_size, lod, target, swaps, rng, recent_tokens))
         levels.append(lod)
-    return RowVariants(wcs, levels, truncation_wc(T, target, block_size))
+    plain = [lod not in levels[:i] for i, lod in enumerate(levels)]
+    return RowVariants(wcs, levels, plain, truncation_wc(T, target, block_size))
 
 
 def shared_raw_tail(wcs: list[WorkingContext]) -> int:

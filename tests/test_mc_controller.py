@@ -10,7 +10,7 @@ from megacontext.config import MCConfig
 from megacontext.controller import MCController, VanillaObjective, config_for_checkpoint, training_objective
 from megacontext.lens_training import LensObjective, hard_negative_pairs, policy_kl_to_neutral
 from megacontext.lensnet import preference_correlation
-from megacontext.mc_metrics import StepMetrics
+from megacontext.mc_metrics import StepMetrics, progress_note
 from megacontext.variants import (
     START_FRACTION,
     focused_wc,
@@ -111,7 +111,8 @@ def test_variants_and_truncation_baseline_are_run_together():
             assert (wc.levels[-ctrl.tail:] == 0).all()
     metrics = ctrl.step_metrics()
     assert metrics["mc/variants_total"] == B * 2 + 1  # training measures one row's baseline per micro-batch
-    assert {"mc/tail_loss", "mc/trunc_loss", "mc/lod1_loss", "mc/lod2_loss"} <= set(metrics)
+    assert {"mc/tail_loss", "mc/trunc_loss", "mc/lod1_loss", "mc/lod2_loss", "mc/staircase_lod1_loss",
+            "mc/staircase_lod2_loss"} <= set(metrics)
 
 
 def test_validation_reports_the_tail_loss_with_the_whole_row_in_context():
@@ -382,9 +383,10 @@ def test_focused_variants_are_the_recency_staircase_with_a_few_same_length_swaps
         if swaps == 1:  # one swap collapses one group and expands a different gist: always a new WC
             assert spans(wc) != spans(staircase)
     row = sample_row_variants(np.arange(T_), 4, target, K_, L_, R, step=3)
-    plain = [lod for i, lod in enumerate(row.max_levels) if lod not in row.max_levels[:i]]  # first of each level
-    for i, lod in enumerate(plain):
-        assert np.array_equal(row.focused[i].levels, recency_wc(T_, K_, lod, target, R).levels)
+    assert sum(row.plain) == len(set(row.max_levels))  # one plain staircase per level
+    for wc, lod, plain in zip(row.focused, row.max_levels, row.plain):
+        staircase = recency_wc(T_, K_, lod, target, R)
+        assert (np.array_equal(wc.levels, staircase.levels) and np.array_equal(wc.indices, staircase.indices)) == plain
     assert len({tuple(w.levels.tolist()) + tuple(w.indices.tolist()) for w in row.focused}) == 4
 
 
@@ -416,3 +418,34 @@ def test_lensnet_is_clipped_apart_so_its_loss_scale_never_changes_gistnets_updat
         clipped.append([p.grad.clone() for p in ctrl.nets.gistnet.parameters() if p.grad is not None])
     for a, b in zip(*clipped):
         torch.testing.assert_close(a, b)
+
+
+def test_the_validation_line_shows_the_ceiling_and_each_staircase_next_to_truncation():
+    ctrl = _controller()
+    x, y = _batch()
+    m = ctrl.evaluate([(x, y)], step=0)
+    line = progress_note(m, "mc_val/")
+    assert f"vs trunc {m['mc_val/trunc_loss']:.4f} (full row {m['mc_val/full_tail_loss']:.4f})" in line
+    stairs = f"{m['mc_val/staircase_lod1_loss']:.4f}/{m['mc_val/staircase_lod2_loss']:.4f}"
+    gains = "/".join(f"{m[f'mc_val/staircase_lod{k}_gain']:+.4f}±{m[f'mc_val/staircase_lod{k}_gain_se']:.4f}"
+                     for k in (1, 2))
+    assert f"| staircase lod1/lod2 {stairs} (gain {gains}) |" in line
+    for k in (1, 2):  # the gain is the truncation baseline's tail loss minus the staircase's, averaged over rows
+        assert m[f"mc_val/staircase_lod{k}_gain"] == pytest.approx(
+            m["mc_val/trunc_loss"] - m[f"mc_val/staircase_lod{k}_loss"], abs=1e-5)
+    ctrl(x, y, step=0)
+    assert "staircase" not in progress_note(ctrl.step_metrics())  # training lines stay short
+
+
+def test_per_row_gains_come_with_the_standard_error_of_their_mean():
+    m = StepMetrics(2)
+    m.add_values("mc/staircase_lod1_gain", torch.tensor([0.1, 0.3]))
+    m.add_values("mc/staircase_lod1_gain", torch.tensor([0.2, 0.6]))
+    m.add_values("mc/staircase_lod2_gain", torch.tensor([0.5]))
+    m.add("mc/tail_loss", 4.0)
+    out = m.collect()
+    values = np.array([0.1, 0.3, 0.2, 0.6])
+    assert out["mc/staircase_lod1_gain"] == pytest.approx(values.mean())
+    assert out["mc/staircase_lod1_gain_se"] == pytest.approx(values.std(ddof=1) / 2)
+    assert out["mc/staircase_lod2_gain"] == pytest.approx(0.5) and "mc/staircase_lod2_gain_se" not in out  # one row
+    assert "mc/tail_loss_se" not in out
