@@ -228,7 +228,7 @@ class MCController:
         trunc_tail = torch.full((B,), float("nan"), device=self.device)  # NaN: not measured (metrics skip the row)
         trunc_tail[:measured] = self._baseline_tail_losses([r.baseline for r in rows[:measured]], trees[:measured],
                                                            y_np, tails[:measured])
-        if not train:  # the ceiling: the same tail with the whole row in context (validation only)
+        if not train:  # the same tail with the whole row in context (validation only)
             self.metrics.add("mc/full_tail_loss", float(self._full_tail_losses(x, y, tails).nanmean()))
         gpt_time += time.perf_counter() - t0
         tail_loss = torch.cat([var_tail.view(B, n), trunc_tail[:, None]], 1).flatten()  # row b: n variants, baseline
@@ -256,9 +256,10 @@ class MCController:
 
     @torch.no_grad()
     def _full_tail_losses(self, x: torch.Tensor, y: torch.Tensor, tails: list[int]) -> torch.Tensor:
-        """Float[B] loss of each row's shared raw tail with the whole row in context: what a lossless memory of the
-        compressed tokens would reach. Above the truncation baseline, the model gains nothing from the tokens
-        before the truncation window, and no working context of that length can beat truncation."""
+        """Float[B] loss of each row's shared raw tail with the whole row in context, as vanilla attention over the
+        window sees it. Below the truncation baseline, the model uses the tokens before the truncation window when
+        it has them raw; above it (a briefly trained model), it is hurt by many raw tokens, which a few gists
+        need not be."""
         per_token = self.model(x, y, loss_reduction="none", loss_last_n=max(tails)).float()  # (B, longest tail)
         return _tail_means(per_token, y, tails)
 

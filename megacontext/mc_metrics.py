@@ -10,8 +10,8 @@ Definitions (all losses in nats per target token):
   first row of each micro-batch, in validation every row). A row's shared raw tail is the longest run of final
   tokens that is raw in every variant of the row (at least the recent tokens, `mc/shared_tail_tokens` on average);
 - `mc/full_tail_loss` (validation only): the same tail's loss with the whole row in context, as vanilla attention
-  over `max_seq_len` sees it: the ceiling of a lossless memory. When it is not below `mc/trunc_loss`, the model
-  gains nothing from the tokens before the truncation window, so no variant can beat the baseline;
+  over `max_seq_len` sees it. Below `mc/trunc_loss`, the model uses the earlier tokens when it has them raw;
+  above it (a briefly trained model), many raw tokens hurt it, which a few gists need not do;
 - `mc/lod{k}_loss`: `mc/tail_loss` of the variants whose deepest allowed gist level is k;
 - `mc/staircase_lod{k}_loss`: the same for the plain recency staircase alone (no random swap): the cut the
   allocator keeps near when LensNet agrees with recency, so the one to hold against `mc/trunc_loss`; the swapped
@@ -137,7 +137,7 @@ def progress_note(metrics: dict, prefix: str = "mc/") -> str:
     line = f" | mc: {metrics[prefix + 'token_loss']:.4f}"
     if prefix + "tail_loss" in metrics:
         line += f" tail {metrics[prefix + 'tail_loss']:.4f} vs trunc {metrics[prefix + 'trunc_loss']:.4f}"
-    if prefix + "full_tail_loss" in metrics:  # validation: the ceiling, and the staircases per level of detail
+    if prefix + "full_tail_loss" in metrics:  # validation: the whole row, and the staircases per level of detail
         line += f" (full row {metrics[prefix + 'full_tail_loss']:.4f})"
         stairs = sorted(k for k in metrics if k.startswith(prefix + "staircase_lod") and k.endswith("_loss"))
         if stairs:

@@ -420,7 +420,7 @@ def test_lensnet_is_clipped_apart_so_its_loss_scale_never_changes_gistnets_updat
         torch.testing.assert_close(a, b)
 
 
-def test_the_validation_line_shows_the_ceiling_and_each_staircase_next_to_truncation():
+def test_the_validation_line_shows_the_whole_row_and_each_staircase_next_to_truncation():
     ctrl = _controller()
     x, y = _batch()
     m = ctrl.evaluate([(x, y)], step=0)
