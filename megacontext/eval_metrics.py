@@ -3,6 +3,9 @@ and the telemetry targets table.
 
 - gap closed = (truncation - method) / (truncation - full): 0 = no better than dropping the history, 1 = as good
   as attending to all of it. Defined only where full attention runs and truncation is measurably worse.
+- gain over truncation: per document, truncation's mean loss on the scored tokens minus the method's (positive =
+  better), averaged over documents with its standard error. The pairing removes most of the document-to-document
+  spread, so differences of a few thousandths of a nat can be told from noise where the raw means cannot.
 - recall: a case counts when every answer token is the greedy choice; accuracy is grouped by the distance of the
   asked-for fact from the end, in multiples of the model's window.
 - training curves: `--loss-log` JSON lines (`step`, `loss`, `dt`, optional `tokens` / `flops` / `mc/...`) turned
@@ -44,7 +47,22 @@ def summarize_history(results: dict, skipped: dict) -> dict:
     for row in out.values():
         if "loss" in row:
             row["gap_closed"] = gap_closed(trunc, row["loss"], full)
+    if "truncation" in results:
+        for name, r in results.items():
+            if name != "truncation":
+                out[name].update(paired_gain(results["truncation"].losses, r.losses))
     return out
+
+
+def paired_gain(baseline_losses, method_losses) -> dict:
+    """{gain_vs_truncation, gain_vs_truncation_se} from per-token losses Float[B, E] of the same documents and
+    tokens: the mean over documents of (baseline - method), and its standard error (None for one document)."""
+    if baseline_losses.shape != method_losses.shape:
+        raise ValueError(f"paired losses must score the same tokens: {tuple(baseline_losses.shape)} vs "
+                         f"{tuple(method_losses.shape)}")
+    diff = (baseline_losses.double().mean(dim=1) - method_losses.double().mean(dim=1)).numpy()
+    se = float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else None
+    return {"gain_vs_truncation": float(diff.mean()), "gain_vs_truncation_se": se}
 
 
 def distance_bin(distance: int, window: int) -> str:

@@ -50,6 +50,28 @@ def gap_table(histories: dict) -> list[str]:
     return lines
 
 
+def gain_table(histories: dict) -> list[str]:
+    """Each method's paired gain over truncation ± its standard error, per history (positive = better)."""
+    methods = [m for m in METHODS if m != "truncation" and any("gain_vs_truncation" in r.get(m, {})
+                                                               for r in histories.values())]
+    if not methods:
+        return ["No paired comparison: truncation did not run."]
+    lines = ["| history | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for h in sorted(histories):
+        cells = []
+        for m in methods:
+            row = histories[h].get(m, {})
+            cells.append(format_gain(row) if "gain_vs_truncation" in row else "skip")
+        lines.append(f"| {h} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def format_gain(row: dict) -> str:
+    """'+0.0123 ± 0.0045' (no ± with a single document)."""
+    se = row["gain_vs_truncation_se"]
+    return f"{row['gain_vs_truncation']:+.4f}" + ("" if se is None else f" ± {se:.4f}")
+
+
 def recall_markdown(recall: dict) -> list[str]:
     lines = []
     for source, kinds in recall.items():

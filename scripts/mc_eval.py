@@ -28,6 +28,8 @@ from megacontext.eval_docs import load_recall_file, nested_windows, synthetic_re
 from megacontext.eval_methods import METHODS, EvalSetup, MethodSkipped, TreeCache, run_method
 from megacontext.eval_metrics import read_loss_log, recall_table, summarize_history, telemetry_rows, training_curve
 from megacontext.eval_report import (
+    format_gain,
+    gain_table,
     gap_table,
     loss_table,
     plot_loss_vs_history,
@@ -237,6 +239,8 @@ def main(argv=None) -> dict:
                 per[N] = eval_history(setup, docs, args.methods)
                 print0(f"{name}, history {N} ({docs.shape[0]} docs): " + ", ".join(
                     f"{m} {r['loss']:.3f}" for m, r in per[N].items() if "loss" in r))
+                print0("  gain over truncation (paired, ± s.e.): " + ", ".join(
+                    f"{m} {format_gain(r)}" for m, r in per[N].items() if "gain_vs_truncation" in r))
         first = next(iter(streams.values()))
         if args.recall_cases > 0:
             cases = synthetic_recall_cases(tokenizer, first, histories, args.recall_cases, seed=args.seed)
@@ -276,7 +280,10 @@ def write_report(results: dict, out_dir: str, tokens_per_step) -> None:
         blocks.append("\n".join([f"### {source}: loss per token (nats) at a budget of {cfg['wc_budget']} entries", "",
                                  f"Every history length scores the same final {cfg['eval_tokens']} tokens of the same "
                                  f"{cfg['max_docs']} (or fewer) windows; shorter histories are their suffixes.", "",
-                                 *loss_table(per, window), "", "Gap closed (truncation → full attention):", "",
+                                 *loss_table(per, window), "",
+                                 "Gain over truncation, paired per document (nats per scored token, mean ± standard "
+                                 "error; positive = better than truncation):", "", *gain_table(per), "",
+                                 "Gap closed (truncation → full attention):", "",
                                  *gap_table(per), "", f"![loss vs history]({rel}/{os.path.basename(png)})"]))
         if skipped:
             blocks.append("Skipped: " + "; ".join(f"{k}: {v}" for k, v in sorted(set(skipped.items()))[:12]))

@@ -12,7 +12,7 @@ import torch
 from megacontext.config import MCConfig
 from megacontext.eval_docs import load_recall_file, nested_windows, synthetic_recall_cases, token_stream, windows
 from megacontext.eval_methods import METHODS, EvalSetup, MethodSkipped, TreeCache, build_trees, run_method, score_wcs
-from megacontext.eval_metrics import gap_closed, recall_table, summarize_history, training_curve
+from megacontext.eval_metrics import gap_closed, paired_gain, recall_table, summarize_history, training_curve
 from megacontext.gistnet import mean_gists
 from megacontext.nets import MCNets
 from megacontext.working_context import coarsest_wc
@@ -151,6 +151,23 @@ def test_summary_marks_skips_and_gaps(tiny):
     assert s["truncation"]["gap_closed"] == pytest.approx(0.0) and s["full"]["gap_closed"] == pytest.approx(1.0)
     expect = (s["truncation"]["loss"] - s["mc_recency"]["loss"]) / (s["truncation"]["loss"] - s["full"]["loss"])
     assert s["mc_recency"]["gap_closed"] == pytest.approx(expect)
+    # the paired gain's mean is the difference of the means; truncation has no gain over itself
+    gain = s["truncation"]["loss"] - s["mc_recency"]["loss"]
+    assert s["mc_recency"]["gain_vs_truncation"] == pytest.approx(gain, rel=1e-4)
+    assert "gain_vs_truncation" not in s["truncation"]
+
+
+def test_paired_gain_standard_error_is_over_documents():
+    base = torch.tensor([[2.0, 4.0], [1.0, 1.0], [5.0, 3.0]])  # per-document means 3, 1, 4
+    method = torch.tensor([[2.0, 2.0], [1.0, 0.0], [3.0, 3.0]])  # 2, 0.5, 3 -> differences 1, 0.5, 1
+    g = paired_gain(base, method)
+    assert g["gain_vs_truncation"] == pytest.approx(2.5 / 3)
+    assert g["gain_vs_truncation_se"] == pytest.approx(np.std([1, 0.5, 1], ddof=1) / np.sqrt(3))
+    # a constant shift of every document is measured exactly, however different the documents are
+    assert paired_gain(base, base - 0.25)["gain_vs_truncation_se"] == pytest.approx(0.0, abs=1e-12)
+    assert paired_gain(base[:1], method[:1])["gain_vs_truncation_se"] is None
+    with pytest.raises(ValueError, match="same tokens"):
+        paired_gain(base, method[:, :1])
 
 
 # ---------------------------------------------------------------------- documents and recall
@@ -258,6 +275,7 @@ def test_mc_eval_script_writes_tables_plots_json_and_the_report_section(tmp_path
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     section = open(os.path.join(base, "report", "megacontext-evaluation.md"), encoding="utf-8").read()
     assert section.startswith("## MegaContext evaluation")
+    assert "Gain over truncation, paired per document" in section
     assert "| history (tokens) |" in section and "Gap closed" in section and "Recall vs distance" in section
     assert "![loss vs history](mc_eval/loss_vs_history_story_txt.png)" in section
     assert "| mc/lens_loss | → 0 (< 0.1) | 0.05 |" in section
