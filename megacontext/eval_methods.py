@@ -13,8 +13,10 @@ MegaContext (a gist tree over the context, a working context of <= W entries, `b
 - `mc_mean`: parameter-free mean-pooled gists, the recency cut (most detail nearest the end);
 - `mc_recency`: the checkpoint's gists, the same recency cut (the control for every focus policy);
 - `mc_random`: the checkpoint's gists, a random legal cut of W entries;
-- `mc_lens`: from the coarsest cut, LensNet + the focus allocator spend the budget over `lens_steps` refocus steps
-  (expand what LensNet scores above the threshold, swap low-scoring groups for better ones once full);
+- `mc_lens`: LensNet + the focus allocator over `lens_steps` refocus steps (expand what LensNet scores above the
+  threshold, swap low-scoring groups for better ones once full), from the start `lens_start` names: "coarsest"
+  (the default: the oracle's start, so the two spend the same room) or "staircase" (the recency cut at the budget,
+  where a chat session's folding of old groups leaves its WC before LensNet refocuses it);
 - `mc_oracle`: from the same coarsest cut, expansions chosen greedily by their measured loss change on the scored
   tokens themselves (the ceiling for any focus policy, not a method one can deploy).
 
@@ -40,6 +42,7 @@ MC_METHODS = ("mc_mean", "mc_recency", "mc_random", "mc_lens", "mc_oracle")
 METHODS = BASELINES + MC_METHODS
 BATCH_BUILD_TOKENS = 1 << 17  # above this many tokens per batch, trees are built incrementally in chunks
 BUILD_CHUNK = 4096
+LENS_STARTS = ("coarsest", "staircase")
 
 
 class MethodSkipped(Exception):
@@ -54,6 +57,7 @@ class EvalSetup:
     eval_tokens: int  # E
     sink_tokens: int = 4
     lens_steps: int = 8
+    lens_start: str = "coarsest"  # mc_lens starts from "coarsest" or "staircase" (see the module docstring)
     oracle_rounds: int = 4
     oracle_candidates: int = 64
     rows_per_forward: int = 16
@@ -65,6 +69,8 @@ class EvalSetup:
             raise ValueError(f"--eval-tokens ({self.eval_tokens}) must be >= 1 and below --wc-budget ({self.budget})")
         if self.budget > window:
             raise ValueError(f"--wc-budget {self.budget} exceeds the model's window of {window} tokens")
+        if self.lens_start not in LENS_STARTS:
+            raise ValueError(f"lens start must be one of {', '.join(LENS_STARTS)}, got {self.lens_start!r}")
         if not 1 <= self.sink_tokens < self.budget - self.eval_tokens + 1:
             raise ValueError(f"sink tokens ({self.sink_tokens}) must leave room for the {self.eval_tokens} scored "
                              f"tokens in the budget of {self.budget}")
@@ -209,13 +215,15 @@ def _wc_tail_logits(setup: EvalSetup, wcs, trees) -> torch.Tensor:
 
 
 def _lens_focus(setup: EvalSetup, trees, N: int, result: MethodResult):
-    """The coarsest cut, then `lens_steps` LensNet + allocator refocus steps (all documents scored together)."""
+    """The start `lens_start` names, then `lens_steps` LensNet + allocator refocus steps (all documents scored
+    together)."""
     cfg, W, E = setup.cfg, setup.budget, setup.eval_tokens
     K, L = cfg.block_size, cfg.mc_max_lod
     acfg = dataclasses.replace(AllocatorConfig.from_mc(cfg, setup.model.config.sequence_len),
                                soft_max_length=W, hard_max_length=W, recent_tokens=E)
     allocators = [FocusAllocator(acfg, seed=setup.seed + i) for i in range(len(trees))]
-    wcs = [coarsest_wc(N, K, L, recent_tokens=E) for _ in trees]
+    budget = W if setup.lens_start == "staircase" else None  # None: the coarsest cut
+    wcs = [recency_wc(N, K, L, budget=budget, recent_tokens=E) for _ in trees]
     model = setup.model
     for _ in range(setup.lens_steps):
         batch = build_wc_batch(wcs, trees, setup.nets, model.embed, cfg.mc_positional, model.config.head_dim,

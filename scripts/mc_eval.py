@@ -25,7 +25,7 @@ import torch
 
 from megacontext.config import ALLOCATOR_POLICY_FLAGS, MCConfig, add_allocator_policy_args, with_overrides
 from megacontext.eval_docs import load_recall_file, nested_windows, synthetic_recall_cases, token_stream
-from megacontext.eval_methods import METHODS, EvalSetup, MethodSkipped, TreeCache, run_method
+from megacontext.eval_methods import LENS_STARTS, METHODS, EvalSetup, MethodSkipped, TreeCache, run_method
 from megacontext.eval_metrics import read_loss_log, recall_table, summarize_history, telemetry_rows, training_curve
 from megacontext.eval_report import (
     format_gain,
@@ -96,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
              help="tokens per training step for the loss logs (default: the checkpoint's --total-batch-size)")
     add_flag(p, "--speed-repeats", type=int, default=3, help="timing repeats per history (0: skip speed)")
     add_flag(p, "--lens-steps", type=int, default=8, help="LensNet + allocator refocus steps (mc_lens)")
+    add_flag(p, "--lens-start", choices=LENS_STARTS, default="coarsest",
+             help="mc_lens starts from the coarsest cut (as the oracle does) or from the recency staircase at the "
+                  "budget (where a chat's folding leaves the WC)")
     add_flag(p, "--oracle-rounds", type=int, default=4, help="greedy rounds of the oracle focus")
     add_flag(p, "--oracle-candidates", type=int, default=64, help="expansions measured per oracle round")
     add_flag(p, "--sink-tokens", type=int, default=4, help="first tokens kept by sink_window (BOS included)")
@@ -211,7 +214,7 @@ def main(argv=None) -> dict:
     window = model.config.sequence_len
     budget = args.wc_budget or window // 8
     setup = EvalSetup(model, nets, budget, args.eval_tokens or max(1, budget // 4), sink_tokens=args.sink_tokens,
-                      lens_steps=args.lens_steps, oracle_rounds=args.oracle_rounds,
+                      lens_steps=args.lens_steps, lens_start=args.lens_start, oracle_rounds=args.oracle_rounds,
                       oracle_candidates=args.oracle_candidates, seed=args.seed)
     histories = parse_histories(args.history, window)
     out_dir = args.out_dir or os.path.join(get_base_dir(), "report", "mc_eval")
@@ -223,7 +226,7 @@ def main(argv=None) -> dict:
                           "gistnet": cfg.gistnet_type, "positions": cfg.mc_positional, "max_docs": args.max_docs,
                           "allocator": f"{cfg.allocator_type}, {cfg.allocator_scores} scores, expand > "
                                        f"{cfg.allocator_expand_threshold:g}, collapse < {cfg.allocator_collapse_threshold:g}",
-                          "fresh_mc_nets": args.fresh_mc_nets, "device": str(device)},
+                          "lens_start": args.lens_start, "fresh_mc_nets": args.fresh_mc_nets, "device": str(device)},
                "histories": {}, "notes": {}, "recall": {}, "speed": []}
     streams = {}
     with torch.inference_mode(), autocast_context(dist_info.device_type):

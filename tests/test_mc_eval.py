@@ -15,7 +15,7 @@ from megacontext.eval_methods import METHODS, EvalSetup, MethodSkipped, TreeCach
 from megacontext.eval_metrics import gap_closed, paired_gain, recall_table, summarize_history, training_curve
 from megacontext.gistnet import mean_gists
 from megacontext.nets import MCNets
-from megacontext.working_context import coarsest_wc
+from megacontext.working_context import coarsest_wc, recency_wc
 from nanochat.checkpoint_manager import PHASE_DIRS, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.recall_docs import KINDS
@@ -321,3 +321,22 @@ def test_mean_gists_are_what_mc_mean_uses(tiny):
         tree = TreeCache(setup, docs).get("mean")[0]
         emb = model.embed(docs[:, :4])[0]
     assert torch.allclose(tree.store.get_gists(1, [0])[0], mean_gists(emb[None])[0], atol=1e-6)
+
+
+def test_mc_lens_starts_from_the_cut_lens_start_names(tiny):
+    """With no refocus step, mc_lens scores its start: the coarsest cut by default, the recency staircase at the
+    budget (what mc_recency scores) with lens_start="staircase"."""
+    model, nets = tiny
+    docs = random_docs(2, 60, seed=1)
+    starts = {"coarsest": coarsest_wc(60, 4, 2, recent_tokens=4),
+              "staircase": recency_wc(60, 4, 2, budget=16, recent_tokens=4)}
+    with torch.inference_mode():
+        cache = TreeCache(EvalSetup(model, nets, budget=16, eval_tokens=4), docs)
+        for name, wc in starts.items():
+            idle = EvalSetup(model, nets, budget=16, eval_tokens=4, lens_steps=0, lens_start=name)
+            expected, _ = score_wcs(idle, [wc] * 2, cache.get("gistnet"), docs[:, -4:])
+            assert torch.allclose(run_method("mc_lens", idle, docs, cache).losses, expected, atol=1e-5), name
+        recency = run_method("mc_recency", EvalSetup(model, nets, budget=16, eval_tokens=4), docs, cache)
+        assert torch.allclose(recency.losses, expected, atol=1e-5)  # the staircase start is mc_recency's cut
+    with pytest.raises(ValueError, match="lens start must be one of coarsest, staircase"):
+        EvalSetup(model, nets, budget=16, eval_tokens=4, lens_start="middle")
