@@ -222,8 +222,10 @@ def _lens_focus(setup: EvalSetup, trees, N: int, result: MethodResult):
     acfg = dataclasses.replace(AllocatorConfig.from_mc(cfg, setup.model.config.sequence_len),
                                soft_max_length=W, hard_max_length=W, recent_tokens=E)
     allocators = [FocusAllocator(acfg, seed=setup.seed + i) for i in range(len(trees))]
-    budget = W if setup.lens_start == "staircase" else None  # None: the coarsest cut
-    wcs = [recency_wc(N, K, L, budget=budget, recent_tokens=E) for _ in trees]
+    if setup.lens_start == "staircase":
+        wcs = [recency_wc(N, K, L, budget=W, recent_tokens=E) for _ in trees]
+    else:
+        wcs = [coarsest_wc(N, K, L, recent_tokens=E) for _ in trees]
     model = setup.model
     for _ in range(setup.lens_steps):
         batch = build_wc_batch(wcs, trees, setup.nets, model.embed, cfg.mc_positional, model.config.head_dim,

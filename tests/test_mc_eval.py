@@ -331,12 +331,14 @@ def test_mc_lens_starts_from_the_cut_lens_start_names(tiny):
     starts = {"coarsest": coarsest_wc(60, 4, 2, recent_tokens=4),
               "staircase": recency_wc(60, 4, 2, budget=16, recent_tokens=4)}
     with torch.inference_mode():
-        cache = TreeCache(EvalSetup(model, nets, budget=16, eval_tokens=4), docs)
-        for name, wc in starts.items():
+        setup = EvalSetup(model, nets, budget=16, eval_tokens=4)
+        cache = TreeCache(setup, docs)
+        start_losses = {name: score_wcs(setup, [wc] * 2, cache.get("gistnet"), docs[:, -4:])[0]
+                        for name, wc in starts.items()}
+        for name, expected in start_losses.items():
             idle = EvalSetup(model, nets, budget=16, eval_tokens=4, lens_steps=0, lens_start=name)
-            expected, _ = score_wcs(idle, [wc] * 2, cache.get("gistnet"), docs[:, -4:])
             assert torch.allclose(run_method("mc_lens", idle, docs, cache).losses, expected, atol=1e-5), name
-        recency = run_method("mc_recency", EvalSetup(model, nets, budget=16, eval_tokens=4), docs, cache)
-        assert torch.allclose(recency.losses, expected, atol=1e-5)  # the staircase start is mc_recency's cut
+        recency = run_method("mc_recency", setup, docs, cache)
+        assert torch.allclose(recency.losses, start_losses["staircase"], atol=1e-5)  # the same cut as mc_recency
     with pytest.raises(ValueError, match="lens start must be one of coarsest, staircase"):
         EvalSetup(model, nets, budget=16, eval_tokens=4, lens_start="middle")
