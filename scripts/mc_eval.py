@@ -242,8 +242,9 @@ def main(argv=None) -> dict:
                 per[N] = eval_history(setup, docs, args.methods)
                 print0(f"{name}, history {N} ({docs.shape[0]} docs): " + ", ".join(
                     f"{m} {r['loss']:.3f}" for m, r in per[N].items() if "loss" in r))
-                print0("  gain over truncation (paired, ± s.e.): " + ", ".join(
-                    f"{m} {format_gain(r)}" for m, r in per[N].items() if "gain_vs_truncation" in r))
+                gains = [f"{m} {format_gain(r)}" for m, r in per[N].items() if "gain_vs_truncation" in r]
+                if gains:  # none when truncation was not among --methods
+                    print0("  gain over truncation (paired, ± s.e.): " + ", ".join(gains))
         first = next(iter(streams.values()))
         if args.recall_cases > 0:
             cases = synthetic_recall_cases(tokenizer, first, histories, args.recall_cases, seed=args.seed)

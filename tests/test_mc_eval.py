@@ -285,7 +285,7 @@ def test_mc_eval_script_writes_tables_plots_json_and_the_report_section(tmp_path
 
 
 @pytest.mark.slow
-def test_mc_eval_refuses_a_checkpoint_without_mc_nets(tmp_path, monkeypatch, tokenizer):
+def test_mc_eval_refuses_a_checkpoint_without_mc_nets(tmp_path, monkeypatch, tokenizer, capsys):
     from scripts import mc_eval
 
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
@@ -306,6 +306,14 @@ def test_mc_eval_refuses_a_checkpoint_without_mc_nets(tmp_path, monkeypatch, tok
     assert row["mc_mean"]["loss"] == pytest.approx(row["mc_recency"]["loss"])  # mean GistNet: the same gists
     section = open(os.path.join(str(tmp_path), "report", "megacontext-evaluation.md"), encoding="utf-8").read()
     assert section.splitlines()[3].startswith("**Pipeline check only")
+    # loss against history alone (full attention only): a loss line per history and no empty gain line
+    capsys.readouterr()
+    mc_eval.main(["--device-type", "cpu", "--model-tag", "d1", "--fresh-mc-nets", "--text-files", str(text),
+                  "--history", "16t,64t", "--wc-budget", "16", "--eval-tokens", "4", "--max-docs", "1",
+                  "--recall-cases", "0", "--speed-repeats", "0", "--methods", "full"])
+    printed = capsys.readouterr().out
+    assert "history 16 (1 docs): full " in printed and "history 64 (1 docs): full " in printed
+    assert "gain over truncation" not in printed
     with pytest.raises(SystemExit):
         mc_eval.main(["--methods", "full,nope"])
     with pytest.raises(ValueError, match="4096t"):
