@@ -12,6 +12,9 @@ Baselines (token ids, the model's own positions):
 MegaContext (a gist tree over the context, a working context of <= W entries, `build_wc_batch`):
 - `mc_mean`: parameter-free mean-pooled gists, the recency cut (most detail nearest the end);
 - `mc_recency`: the checkpoint's gists, the same recency cut (the control for every focus policy);
+- `mc_foreign`: the same recency cut, its own raw tokens, but every gist from another document's tree (the next
+  one in the batch): what the cut's shape, and the model's training on such cuts, are worth without the gists'
+  content. `mc_recency` beating truncation while `mc_foreign` does as well means the gists carry nothing;
 - `mc_random`: the checkpoint's gists, a random legal cut of W entries;
 - `mc_lens`: LensNet + the focus allocator over `lens_steps` refocus steps (expand what LensNet scores above the
   threshold, swap low-scoring groups for better ones once full), from the start `lens_start` names: "coarsest"
@@ -38,7 +41,7 @@ from megacontext.wc_inputs import build_wc_batch
 from megacontext.working_context import apply_edits, coarsest_wc, min_wc_length, random_wc, recency_wc
 
 BASELINES = ("full", "truncation", "sink_window")
-MC_METHODS = ("mc_mean", "mc_recency", "mc_random", "mc_lens", "mc_oracle")
+MC_METHODS = ("mc_mean", "mc_recency", "mc_foreign", "mc_random", "mc_lens", "mc_oracle")
 METHODS = BASELINES + MC_METHODS
 BATCH_BUILD_TOKENS = 1 << 17  # above this many tokens per batch, trees are built incrementally in chunks
 BUILD_CHUNK = 4096
@@ -175,7 +178,11 @@ def _run_mc(name: str, setup: EvalSetup, docs: torch.Tensor, cache: TreeCache) -
     trees = cache.get("mean" if name == "mc_mean" else "gistnet")
     targets = _targets(docs, E)
     result = MethodResult(torch.empty(0), torch.empty(0))
-    if name in ("mc_mean", "mc_recency"):
+    if name == "mc_foreign":
+        if len(trees) < 2:
+            raise MethodSkipped("it takes each document's gists from another document, and there is only one")
+        trees = [_ForeignGistTree(tree, trees[(i + 1) % len(trees)]) for i, tree in enumerate(trees)]
+    if name in ("mc_mean", "mc_recency", "mc_foreign"):
         wcs = [recency_wc(N, K, L, budget=W, recent_tokens=E) for _ in trees]
     elif name == "mc_random":
         rng = np.random.default_rng(setup.seed)
@@ -187,6 +194,21 @@ def _run_mc(name: str, setup: EvalSetup, docs: torch.Tensor, cache: TreeCache) -
     result.losses, result.correct = score_wcs(setup, wcs, trees, targets)
     result.wc_lengths = [len(wc) for wc in wcs]
     return result
+
+
+class _ForeignGistTree:
+    """A tree as working contexts read it: the raw tokens of `own`, the gists of `donor` (a history of the same
+    length, so every node index is valid in both)."""
+
+    def __init__(self, own: MegaContextTree, donor: MegaContextTree):
+        self.store, self.embed_fn = self, own.embed_fn
+        self._own, self._donor = own.store, donor.store
+
+    def gather_tokens(self, indices):
+        return self._own.gather_tokens(indices)
+
+    def get_gists(self, level: int, indices):
+        return self._donor.get_gists(level, indices)
 
 
 def score_wcs(setup: EvalSetup, wcs, trees, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

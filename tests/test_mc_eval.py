@@ -96,6 +96,30 @@ def test_compressed_methods_differ_and_the_oracle_improves_on_its_start(tiny):
     assert out["mc_lens"].expansions > 0 and out["mc_lens"].swap_rates
 
 
+def test_foreign_gists_keep_the_documents_own_raw_tokens_and_take_the_next_ones_gists(tiny):
+    model, nets = tiny
+    setup = EvalSetup(model, nets, budget=16, eval_tokens=4)
+    docs = random_docs(3, 60, seed=2)
+    docs[1] = docs[0]  # document 0 takes its gists from an identical document, 1 and 2 from different ones
+    with torch.inference_mode():
+        cache = TreeCache(setup, docs)
+        recency = run_method("mc_recency", setup, docs, cache)
+        own = recency.losses
+        foreign = run_method("mc_foreign", setup, docs, cache)
+        with pytest.raises(MethodSkipped, match="only one"):
+            run_method("mc_foreign", setup, docs[:1], TreeCache(setup, docs[:1]))
+    assert foreign.wc_lengths == recency.wc_lengths  # the same cut; only what stands in the gists' places differs
+    assert torch.allclose(foreign.losses[0], own[0], atol=1e-6)
+    for b in (1, 2):
+        assert not torch.allclose(foreign.losses[b], own[b], atol=1e-4)
+    # a budget that holds the whole history leaves no gist to swap: each document reads only its own tokens
+    roomy = EvalSetup(model, nets, budget=WINDOW, eval_tokens=4)
+    with torch.inference_mode():
+        cache = TreeCache(roomy, docs[:, :41])
+        same = run_method("mc_foreign", roomy, docs[:, :41], cache).losses
+        assert torch.allclose(same, run_method("full", roomy, docs[:, :41], cache).losses, atol=1e-4)
+
+
 def test_history_beyond_the_window_skips_full_attention_with_a_reason(tiny):
     model, nets = tiny
     setup = EvalSetup(model, nets, budget=24, eval_tokens=4)
