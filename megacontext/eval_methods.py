@@ -181,7 +181,8 @@ def _run_mc(name: str, setup: EvalSetup, docs: torch.Tensor, cache: TreeCache) -
     if name == "mc_foreign":
         if len(trees) < 2:
             raise MethodSkipped("it takes each document's gists from another document, and there is only one")
-        trees = [_ForeignGistTree(tree, trees[(i + 1) % len(trees)]) for i, tree in enumerate(trees)]
+        trees = [MegaContextTree(_ForeignGistStore(tree.store, trees[(i + 1) % len(trees)].store), tree.embed_fn)
+                 for i, tree in enumerate(trees)]
     if name in ("mc_mean", "mc_recency", "mc_foreign"):
         wcs = [recency_wc(N, K, L, budget=W, recent_tokens=E) for _ in trees]
     elif name == "mc_random":
@@ -196,19 +197,18 @@ def _run_mc(name: str, setup: EvalSetup, docs: torch.Tensor, cache: TreeCache) -
     return result
 
 
-class _ForeignGistTree:
-    """A tree as working contexts read it: the raw tokens of `own`, the gists of `donor` (a history of the same
-    length, so every node index is valid in both)."""
+class _ForeignGistStore:
+    """A read-only view of the tree store `own` whose gists come from `donor` (a history of the same length, so
+    every node index is valid in both); tokens, sizes and everything else are `own`'s."""
 
-    def __init__(self, own: MegaContextTree, donor: MegaContextTree):
-        self.store, self.embed_fn = self, own.embed_fn
-        self._own, self._donor = own.store, donor.store
-
-    def gather_tokens(self, indices):
-        return self._own.gather_tokens(indices)
+    def __init__(self, own, donor):
+        self._own, self._donor = own, donor
 
     def get_gists(self, level: int, indices):
         return self._donor.get_gists(level, indices)
+
+    def __getattr__(self, name):
+        return getattr(self._own, name)
 
 
 def score_wcs(setup: EvalSetup, wcs, trees, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
