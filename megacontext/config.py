@@ -99,6 +99,9 @@ class MCConfig:
     # T=512, K=8, 4 variants, same tokens and seed as vanilla): val bpb +0.033 over vanilla at 1.0; -0.001 to +0.008
     # over four runs at 0.25.
     mc_variant_loss_weight: float = 0.25
+    # Weight of GistNet's content term (gist_content.py): each gist must name the tokens it covers. 0: off, the LM
+    # loss alone trains GistNet, which can collapse to one placeholder vector per level (mc/gist_spread_lod{k}).
+    mc_gist_content_weight: float = 0.0
     # Bradley-Terry scale in nats, against the measured RMS of tail-loss differences between variants of a row
     # (`mc/pair_delta_rms`), which grows as the target length shrinks: 0.002, 0.035, 0.055, 0.12 over the quarters of
     # the README's 300-step CPU --mc base run (d4, T=512, K=8), 0.14 on val at the end. A fresh LensNet fitted for
@@ -265,6 +268,8 @@ class MCConfig:
         )
         for name in ("mc_lens_loss_weight", "mc_lens_kl_weight", "mc_lens_budget_smooth_weight"):
             _require(getattr(self, name) >= 0, f"--{name} must be >= 0 (got {getattr(self, name)})")
+        _require(self.mc_gist_content_weight >= 0,
+                 f"--mc_gist_content_weight must be >= 0 (0: off), got {self.mc_gist_content_weight}")
         _require(self.mc_variant_loss_weight > 0,
                  f"--mc_variant_loss_weight must be > 0: GistNet learns only from the variant loss "
                  f"(got {self.mc_variant_loss_weight})")
@@ -365,6 +370,8 @@ def add_mc_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     add_flag(g, "--mc_lens_loss_weight", type=float, default=d.mc_lens_loss_weight)
     add_flag(g, "--mc_variant_loss_weight", type=float, default=d.mc_variant_loss_weight,
              help="weight of the variants' next-token loss (how hard the GPT learns to read gists)")
+    add_flag(g, "--mc_gist_content_weight", type=float, default=d.mc_gist_content_weight,
+             help="weight of GistNet's content term: each gist names its tokens (0: off; see mc/gist_spread_lod*)")
     add_flag(g, "--mc_lens_temperature", type=float, default=d.mc_lens_temperature,
              help="Bradley-Terry scale in nats of tail loss (lower = sharper)")
     add_flag(g, "--mc_lens_adv_norm_beta", type=float, default=d.mc_lens_adv_norm_beta,

@@ -26,8 +26,8 @@ Per micro-batch (each row of x is one sequence of max_seq_len tokens, y the next
    the labels are less noisy), and fits LensNet to those measured losses (lens_training.py);
 5. refocuses one sampled WC with the allocator on LensNet's scores to report swap rate and residency.
 Objective: vanilla full-sequence loss + `--mc_variant_loss_weight` × MC variant loss + `--mc_lens_loss_weight` ×
-lens loss (+ the weighted LensNet regularisers). It returns data and never prints; telemetry events go to the
-provider it was given.
+lens loss (+ the weighted LensNet regularisers, + `--mc_gist_content_weight` × GistNet's content term,
+gist_content.py). It returns data and never prints; telemetry events go to the provider it was given.
 Trees are built in RAM whatever `--mc_tree` says: they hold the autograd graph back to GistNet and live for one
 micro-batch. `--mc_tree` is recorded with the nets and chooses the store of inference sessions.
 """
@@ -41,9 +41,10 @@ import torch
 
 from megacontext.allocator import AllocatorConfig, FocusAllocator
 from megacontext.config import ARCHITECTURE_FIELDS, MCConfig
+from megacontext.gist_content import gist_content_loss
 from megacontext.lens_training import LensObjective
 from megacontext.lensnet import build_variant_membership
-from megacontext.mc_metrics import StepMetrics, percentile
+from megacontext.mc_metrics import StepMetrics, gist_spread, percentile
 from megacontext.nets import AUX_KEY, MCNets, has_mc_nets
 from megacontext.telemetry import NoOpTelemetry, TelemetryProvider
 from megacontext.tree import MegaContextTree, RamTreeStore, build_gist_levels, gist_closure
@@ -149,7 +150,7 @@ class MCController:
         out = self.variant_losses(x, y, step, train=True)
         c = self.cfg
         extra = c.mc_variant_loss_weight * out["variant_loss"] + c.mc_lens_loss_weight * out["lens_loss"] \
-            + out["regularisers"]
+            + c.mc_gist_content_weight * out["gist_content_loss"] + out["regularisers"]
         total = vanilla + (extra * (y >= 0).sum() if reduction == "sum" else extra)
         self.last_parts = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
         return total, vanilla
@@ -205,7 +206,7 @@ class MCController:
         rows = self.sample_variants(x, step)
         n = self.variants_per_row
         with self.telemetry.span("build", into=timings), self.aux_precision():
-            trees = self._build_trees(x, rows)
+            trees, levels = self._build_trees(x, rows)
         variants = [wc for r in rows for wc in r.focused]  # row b: its n variants
         tails = [shared_raw_tail(r.focused) for r in rows]  # per row: the target tokens its variants are compared on
         with self.telemetry.span("positional", into=timings):
@@ -236,8 +237,13 @@ class MCController:
             lens_out = self._lens_terms(batch, variants, var_tail, B, n, step)
         ctrl_ms = (time.perf_counter() - t_start - gpt_time) * 1000.0
         self._record(variant_loss, tail_loss, rows, tails, lens_out, target, B * n + measured, ctrl_ms)
+        for k, gists in enumerate(levels, start=1):
+            self.metrics.add(f"mc/gist_spread_lod{k}", gist_spread(gists.flatten(0, 1)))
         self.telemetry.emit("mc_timing", {**timings, "step": step, "total_ms": ctrl_ms})
-        return {"variant_loss": variant_loss, "lens_loss": lens_out["lens_loss"],
+        with torch.set_grad_enabled(torch.is_grad_enabled() and c.mc_gist_content_weight > 0):  # else: a metric
+            content = gist_content_loss(levels, x, self.model.transformer.wte.weight, c.block_size)
+        self.metrics.add("mc/gist_content_loss", float(content.detach()))
+        return {"variant_loss": variant_loss, "lens_loss": lens_out["lens_loss"], "gist_content_loss": content,
                 "regularisers": lens_out["kl"] + lens_out["budget"], "tail_loss": tail_loss, "target": target,
                 "wcs": [wc for r in rows for wc in (*r.focused, r.baseline)]}
 
@@ -276,15 +282,16 @@ class MCController:
         return gist_closure(gists_read([r.focused for r in rows], num_tokens, c.block_size, c.mc_max_lod),
                             c.block_size)
 
-    def _build_trees(self, x: torch.Tensor, rows: list[RowVariants]) -> list[MegaContextTree]:
+    def _build_trees(self, x: torch.Tensor, rows: list[RowVariants]) -> tuple[list[MegaContextTree], list]:
         """One RAM tree per row over its T tokens, each gist level from one GistNet call (autograd kept), on the
-        gists `gists_to_build` names only."""
+        gists `gists_to_build` names only; and the levels' gists, Float[B, n_l, D] (NaN: not built)."""
         c = self.cfg
         embeds = self.model.embed(x)  # (B, T, D)
         levels = build_gist_levels(embeds, self.nets.gist, c.block_size, c.mc_max_lod,
                                    self.gists_to_build(rows, x.shape[1]))
-        return [MegaContextTree(RamTreeStore.from_levels(x[b], [g[b] for g in levels], c.block_size, c.mc_max_lod),
-                                self.model.embed, self.nets.gist) for b in range(x.shape[0])]
+        trees = [MegaContextTree(RamTreeStore.from_levels(x[b], [g[b] for g in levels], c.block_size, c.mc_max_lod),
+                                 self.model.embed, self.nets.gist) for b in range(x.shape[0])]
+        return trees, levels
 
     def _lens_terms(self, batch, wcs, var_tail, B, n, step) -> dict:
         """LensNet's scores on the variants and its fit to their measured tail losses (Float[B*n])."""

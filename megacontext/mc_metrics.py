@@ -30,6 +30,12 @@ Definitions (all losses in nats per target token):
 - `mc/variants_total`: WCs run through the GPT this step (variants + measured baselines, all processes);
 - `mc/swap_rate`, `mc/residency`: share of a WC's entries the allocator replaces when it refocuses a sampled
   variant with LensNet's scores, and the share it keeps (1 − swap rate);
+- `mc/gist_spread_lod{k}`: share of the level-k gists' mean square that varies between gists,
+  mean ||g - mean(g)||² / mean ||g||² over the gists built this step. Mean-pooled token embeddings give about 0.6
+  at level 1 (8-token blocks); near 0 every gist is the same vector whatever it covers, a placeholder that tells
+  the GPT nothing about the history (GistNet has collapsed);
+- `mc/gist_content_loss`: GistNet's content term (gist_content.py), mean token cross-entropy of each built gist
+  against the tokens it covers, in nats (recorded whatever its weight, so an unweighted run shows it too);
 - `mc/time_controller_ms`: wall ms of the controller's own work (tree build, sampling, positions, LensNet,
   allocator) per step, excluding the GPT forwards; `mc/target_wc_length`: the annealed variant length.
 """
@@ -48,9 +54,21 @@ def metric_names(max_level: int) -> list[str]:
             + [f"mc/lod{k}_loss" for k in range(1, max_level + 1)]
             + [f"mc/staircase_lod{k}_loss" for k in range(1, max_level + 1)]
             + [f"mc/staircase_lod{k}_gain" for k in range(1, max_level + 1)]
+            + [f"mc/gist_spread_lod{k}" for k in range(1, max_level + 1)] + ["mc/gist_content_loss"]
             + ["mc/lens_loss", "mc/adv_delta_mean", "mc/adv_delta_p95", "mc/preference_corr_mean",
                "mc/pair_delta_rms", "mc/swap_rate", "mc/residency", "mc/target_wc_length", "mc/shared_tail_tokens",
                *TOTALS, *PER_PROCESS])
+
+
+def gist_spread(gists: torch.Tensor) -> float:
+    """Float[n, D] gists (NaN rows: not built, skipped) -> the share of their mean square that varies between them
+    (0: all the same vector). NaN with fewer than two gists."""
+    g = gists.detach().float()
+    g = g[torch.isfinite(g).all(dim=1)]
+    if g.shape[0] < 2:
+        return float("nan")
+    total = g.square().sum(dim=1).mean()
+    return float((g - g.mean(dim=0)).square().sum(dim=1).mean() / total.clamp(min=1e-30))
 
 
 def with_standard_error(name: str) -> bool:
@@ -130,8 +148,8 @@ def percentile(values: torch.Tensor, q: float) -> float:
 
 def progress_note(metrics: dict, prefix: str = "mc/") -> str:
     """The MC part of a progress or eval line ("" without MC metrics): variant loss, tail loss vs the truncation
-    baseline (in validation also the whole row's and each plain staircase's), preference correlation, controller
-    ms."""
+    baseline (in validation also the whole row's, each plain staircase's and the gists' spread per level),
+    preference correlation, controller ms."""
     if f"{prefix}token_loss" not in metrics:
         return ""
     line = f" | mc: {metrics[prefix + 'token_loss']:.4f}"
@@ -146,6 +164,9 @@ def progress_note(metrics: dict, prefix: str = "mc/") -> str:
             gains = [(metrics.get(k[:-len("loss")] + "gain"), metrics.get(k[:-len("loss")] + "gain_se")) for k in stairs]
             if all(g is not None and se is not None for g, se in gains):
                 line += " (gain " + "/".join(f"{g:+.4f}±{se:.4f}" for g, se in gains) + ")"
+        spreads = sorted(k for k in metrics if k.startswith(prefix + "gist_spread_lod"))
+        if spreads:  # near 0: every gist of a level is the same vector (collapsed GistNet)
+            line += " | gist spread " + "/".join(f"{metrics[k]:.3f}" for k in spreads)
     corr = metrics.get(prefix + "preference_corr_mean")
     line += "" if corr is None else f" | pref corr {corr:+.2f}"
     return line + f" | ctrl: {metrics[prefix + 'time_controller_ms']:.0f}ms"

@@ -10,7 +10,7 @@ from megacontext.config import MCConfig
 from megacontext.controller import MCController, VanillaObjective, config_for_checkpoint, training_objective
 from megacontext.lens_training import LensObjective, hard_negative_pairs, policy_kl_to_neutral
 from megacontext.lensnet import preference_correlation
-from megacontext.mc_metrics import StepMetrics, progress_note
+from megacontext.mc_metrics import StepMetrics, gist_spread, progress_note
 from megacontext.variants import (
     START_FRACTION,
     focused_wc,
@@ -435,6 +435,34 @@ def test_the_validation_line_shows_the_whole_row_and_each_staircase_next_to_trun
             m["mc_val/trunc_loss"] - m[f"mc_val/staircase_lod{k}_loss"], abs=1e-5)
     ctrl(x, y, step=0)
     assert "staircase" not in progress_note(ctrl.step_metrics())  # training lines stay short
+
+
+def test_gist_spread_is_the_share_of_the_gists_mean_square_that_varies_between_them():
+    same = torch.ones(5, 8) * 3.0
+    assert gist_spread(same) == pytest.approx(0.0, abs=1e-7)
+    assert gist_spread(torch.eye(8) * 2.0) == pytest.approx(1 - 1 / 8)  # orthogonal: all but the shared mean
+    offset = torch.cat([torch.eye(4), torch.zeros(4, 4)], 1) + torch.tensor([0.0] * 4 + [3.0] * 4)
+    assert gist_spread(offset) == pytest.approx((1 - 1 / 4) / (1 + 36))  # a large shared part leaves little
+    with_unbuilt = torch.cat([torch.eye(8), torch.full((3, 8), float("nan"))])
+    assert gist_spread(with_unbuilt) == pytest.approx(gist_spread(torch.eye(8)))  # NaN rows were never built
+    assert np.isnan(gist_spread(torch.ones(1, 8)))
+
+
+def test_a_collapsed_gistnet_shows_as_zero_gist_spread_on_the_validation_line(monkeypatch):
+    x, y = _batch()
+    ctrl = _controller()
+    m = ctrl.evaluate([(x, y)], step=0)
+    assert 0.05 < m["mc_val/gist_spread_lod1"] <= 1 and 0 < m["mc_val/gist_spread_lod2"] <= 1
+    assert f"| gist spread {m['mc_val/gist_spread_lod1']:.3f}/{m['mc_val/gist_spread_lod2']:.3f}" in \
+        progress_note(m, "mc_val/")
+    ctrl(x, y, step=0)
+    assert 0 < ctrl.step_metrics()["mc/gist_spread_lod1"] <= 1  # training records it too
+
+    placeholder = torch.randn(ctrl.model.config.n_embd)  # every gist the same vector, whatever its children
+    monkeypatch.setattr(ctrl.nets, "gist", lambda level, blocks: placeholder.expand(blocks.shape[0], -1).clone())
+    m = ctrl.evaluate([(x, y)], step=0)
+    assert m["mc_val/gist_spread_lod1"] == pytest.approx(0.0, abs=1e-6)
+    assert m["mc_val/gist_spread_lod2"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_per_row_gains_come_with_the_standard_error_of_their_mean():
