@@ -142,6 +142,10 @@ class TreeCache:
         self.setup, self.context = setup, docs[:, :-1]
         self._trees: dict[str, list[MegaContextTree]] = {}
 
+    def built(self, kind: str) -> list[MegaContextTree] | None:
+        """The trees of `kind` if a method has built them, else None."""
+        return self._trees.get(kind)
+
     def get(self, kind: str) -> list[MegaContextTree]:
         if kind not in self._trees:
             gist_fn = (lambda level, blocks: mean_gists(blocks)) if kind == "mean" else self.setup.nets.gist

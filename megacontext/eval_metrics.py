@@ -6,6 +6,12 @@ and the telemetry targets table.
 - gain over truncation: per document, truncation's mean loss on the scored tokens minus the method's (positive =
   better), averaged over documents with its standard error. The pairing removes most of the document-to-document
   spread, so differences of a few thousandths of a nat can be told from noise where the raw means cannot.
+- gists' content gain: per document, `mc_foreign`'s mean loss minus `mc_recency`'s (same cut, same raw tokens,
+  gists from another document vs the document's own), averaged with its standard error; positive = the gists say
+  something about the history that the GPT uses, beyond standing in for it. Reported on the `mc_recency` row;
+- gist spread (per level): the share of the gists' mean square that varies between them over every document's
+  tree (see `megacontext.mc_metrics.gist_spread`), for the checkpoint's gists (`mc_recency` row) and mean-pooled
+  ones (`mc_mean` row); near 0 every gist is the same vector;
 - recall: a case counts when every answer token is the greedy choice; accuracy is grouped by the distance of the
   asked-for fact from the end, in multiples of the model's window.
 - training curves: `--loss-log` JSON lines (`step`, `loss`, `dt`, optional `tokens` / `flops` / `mc/...`) turned
@@ -17,6 +23,9 @@ import json
 import math
 
 import numpy as np
+import torch
+
+from megacontext.mc_metrics import gist_spread
 
 GAP_EPS = 1e-3  # nats: below this truncation and full attention are indistinguishable and the gap is undefined
 DISTANCE_EDGES = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, math.inf)  # in windows
@@ -51,7 +60,16 @@ def summarize_history(results: dict, skipped: dict) -> dict:
         for name, r in results.items():
             if name != "truncation":
                 out[name].update(paired_gain(results["truncation"].losses, r.losses))
+    if "mc_recency" in results and "mc_foreign" in results:
+        gain = paired_gain(results["mc_foreign"].losses, results["mc_recency"].losses)
+        out["mc_recency"].update(content_gain=gain["gain_vs_truncation"], content_gain_se=gain["gain_vs_truncation_se"])
     return out
+
+
+def tree_gist_spreads(trees) -> list[float]:
+    """Per level 1..L, the spread of every gist of every tree (`gist_spread`: 0 = all the same vector)."""
+    return [gist_spread(torch.cat([t.store.get_gists(level, np.arange(t.num_nodes(level))) for t in trees]))
+            for level in range(1, trees[0].max_level + 1)]
 
 
 def paired_gain(baseline_losses, method_losses) -> dict:

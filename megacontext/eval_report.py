@@ -72,6 +72,34 @@ def format_gain(row: dict) -> str:
     return f"{row['gain_vs_truncation']:+.4f}" + ("" if se is None else f" ± {se:.4f}")
 
 
+def gist_note(rows: dict) -> str:
+    """What the gists of one history carry: 'gists: content gain over mc_foreign +0.0012 ± 0.0008; spread
+    lod1/lod2 0.412/0.087 (mean-pooled 0.869/0.502)', or '' when neither was measured."""
+    own, mean = rows.get("mc_recency", {}), rows.get("mc_mean", {})
+    parts = []
+    if "content_gain" in own:
+        se = own["content_gain_se"]
+        parts.append(f"content gain over mc_foreign {own['content_gain']:+.4f}"
+                     + ("" if se is None else f" ± {se:.4f}"))
+    spreads = [(label, row["gist_spread"]) for label, row in (("", own), ("mean-pooled ", mean))
+               if "gist_spread" in row]
+    if spreads:
+        lods = "/".join(f"lod{k}" for k in range(1, len(spreads[0][1]) + 1))
+        text = " ".join(f"{label}{'/'.join(_fmt(v) for v in values)}" for label, values in spreads)
+        parts.append(f"spread {lods} {text}")
+    return "gists: " + "; ".join(parts) if parts else ""
+
+
+def gist_lines(histories: dict) -> list[str]:
+    """Markdown lines with each history's `gist_note` (none when no history has one)."""
+    notes = [(h, gist_note(histories[h])) for h in sorted(histories)]
+    lines = [f"- history {h}: {note}" for h, note in notes if note]
+    if not lines:
+        return []
+    return ["What the gists carry (content gain: `mc_foreign` loss − `mc_recency` loss, paired; spread: share of "
+            "the gists' mean square that varies between them, 0 = one vector for all):", "", *lines, ""]
+
+
 def recall_markdown(recall: dict) -> list[str]:
     lines = []
     for source, kinds in recall.items():

@@ -26,11 +26,20 @@ import torch
 from megacontext.config import ALLOCATOR_POLICY_FLAGS, MCConfig, add_allocator_policy_args, with_overrides
 from megacontext.eval_docs import load_recall_file, nested_windows, synthetic_recall_cases, token_stream
 from megacontext.eval_methods import LENS_STARTS, METHODS, EvalSetup, MethodSkipped, TreeCache, run_method
-from megacontext.eval_metrics import read_loss_log, recall_table, summarize_history, telemetry_rows, training_curve
+from megacontext.eval_metrics import (
+    read_loss_log,
+    recall_table,
+    summarize_history,
+    telemetry_rows,
+    training_curve,
+    tree_gist_spreads,
+)
 from megacontext.eval_report import (
     format_gain,
     gain_table,
     gap_table,
+    gist_lines,
+    gist_note,
     loss_table,
     plot_loss_vs_history,
     plot_recall,
@@ -169,7 +178,11 @@ def eval_history(setup: EvalSetup, docs: torch.Tensor, methods: list[str]) -> di
             results[name] = run_method(name, setup, docs, trees)
         except MethodSkipped as e:
             skipped[name] = str(e)
-    return summarize_history(results, skipped)
+    out = summarize_history(results, skipped)
+    for kind, method in (("gistnet", "mc_recency"), ("mean", "mc_mean")):
+        if trees.built(kind) and "loss" in out.get(method, {}):
+            out[method]["gist_spread"] = tree_gist_spreads(trees.built(kind))
+    return out
 
 
 def eval_recall(setup: EvalSetup, cases, methods: list[str]) -> list[dict]:
@@ -245,6 +258,8 @@ def main(argv=None) -> dict:
                 gains = [f"{m} {format_gain(r)}" for m, r in per[N].items() if "gain_vs_truncation" in r]
                 if gains:  # none when truncation was not among --methods
                     print0("  gain over truncation (paired, ± s.e.): " + ", ".join(gains))
+                if gists := gist_note(per[N]):
+                    print0("  " + gists)
         first = next(iter(streams.values()))
         if args.recall_cases > 0:
             cases = synthetic_recall_cases(tokenizer, first, histories, args.recall_cases, seed=args.seed)
@@ -287,7 +302,7 @@ def write_report(results: dict, out_dir: str, tokens_per_step) -> None:
                                  *loss_table(per, window), "",
                                  "Gain over truncation, paired per document (nats per scored token, mean ± standard "
                                  "error; positive = better than truncation):", "", *gain_table(per), "",
-                                 "Gap closed (truncation → full attention):", "",
+                                 *gist_lines(per), "Gap closed (truncation → full attention):", "",
                                  *gap_table(per), "", f"![loss vs history]({rel}/{os.path.basename(png)})"]))
         if skipped:
             blocks.append("Skipped: " + "; ".join(f"{k}: {v}" for k, v in sorted(set(skipped.items()))[:12]))

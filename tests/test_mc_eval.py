@@ -12,8 +12,17 @@ import torch
 from megacontext.config import MCConfig
 from megacontext.eval_docs import load_recall_file, nested_windows, synthetic_recall_cases, token_stream, windows
 from megacontext.eval_methods import METHODS, EvalSetup, MethodSkipped, TreeCache, build_trees, run_method, score_wcs
-from megacontext.eval_metrics import gap_closed, paired_gain, recall_table, summarize_history, training_curve
+from megacontext.eval_metrics import (
+    gap_closed,
+    paired_gain,
+    recall_table,
+    summarize_history,
+    training_curve,
+    tree_gist_spreads,
+)
+from megacontext.eval_report import gist_note
 from megacontext.gistnet import mean_gists
+from megacontext.mc_metrics import gist_spread
 from megacontext.nets import MCNets
 from megacontext.working_context import coarsest_wc, recency_wc
 from nanochat.checkpoint_manager import PHASE_DIRS, save_checkpoint
@@ -118,6 +127,31 @@ def test_foreign_gists_keep_the_documents_own_raw_tokens_and_take_the_next_ones_
         cache = TreeCache(roomy, docs[:, :41])
         same = run_method("mc_foreign", roomy, docs[:, :41], cache).losses
         assert torch.allclose(same, run_method("full", roomy, docs[:, :41], cache).losses, atol=1e-4)
+
+
+def test_the_summary_reports_the_gists_content_gain_over_foreign_gists_and_their_spread(tiny):
+    model, nets = tiny
+    setup = EvalSetup(model, nets, budget=16, eval_tokens=4)
+    docs = random_docs(3, 60, seed=2)
+    with torch.inference_mode():
+        cache = TreeCache(setup, docs)
+        runs = {m: run_method(m, setup, docs, cache) for m in ("truncation", "mc_recency", "mc_foreign", "mc_mean")}
+        spreads = tree_gist_spreads(cache.built("gistnet"))
+    row = summarize_history(runs, {})["mc_recency"]
+    expected = paired_gain(runs["mc_foreign"].losses, runs["mc_recency"].losses)  # foreign minus own, per document
+    assert row["content_gain"] == pytest.approx(expected["gain_vs_truncation"])
+    assert row["content_gain_se"] == pytest.approx(expected["gain_vs_truncation_se"])
+    assert row["content_gain"] == pytest.approx(row["gain_vs_truncation"] - summarize_history(runs, {})[
+        "mc_foreign"]["gain_vs_truncation"])
+    assert "content_gain" not in summarize_history({k: runs[k] for k in ("truncation", "mc_recency")}, {})["mc_recency"]
+    lvl1 = torch.cat([t.store.get_gists(1, np.arange(t.num_nodes(1))) for t in cache.built("gistnet")])
+    assert len(spreads) == nets.cfg.mc_max_lod and spreads[0] == pytest.approx(gist_spread(lvl1))
+    assert 0.05 < spreads[0] <= 1  # a fresh GistNet is close to mean pooling: its gists differ
+    assert cache.built("nothing") is None
+    note = gist_note({"mc_recency": {**row, "gist_spread": [0.004, 0.0]}, "mc_mean": {"gist_spread": [0.87, 0.5]}})
+    assert note == (f"gists: content gain over mc_foreign {row['content_gain']:+.4f} ± {row['content_gain_se']:.4f}; "
+                    "spread lod1/lod2 0.004/0.000 mean-pooled 0.870/0.500")
+    assert gist_note({"truncation": {"loss": 1.0}}) == ""
 
 
 def test_history_beyond_the_window_skips_full_attention_with_a_reason(tiny):
@@ -304,6 +338,8 @@ def test_mc_eval_script_writes_tables_plots_json_and_the_report_section(tmp_path
     assert "![loss vs history](mc_eval/loss_vs_history_story_txt.png)" in section
     assert "| mc/lens_loss | → 0 (< 0.1) | 0.05 |" in section
     assert "Pipeline check only" not in section
+    assert f"- history 48: {gist_note(per[48])}" in section and "content gain over mc_foreign" in section
+    assert len(per[48]["mc_recency"]["gist_spread"]) == len(per[48]["mc_mean"]["gist_spread"]) == 2
     with open(os.path.join(out, "mc_eval.json"), encoding="utf-8") as f:
         assert json.load(f)["config"]["wc_budget"] == 16
 
