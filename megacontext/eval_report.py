@@ -74,7 +74,7 @@ def format_gain(row: dict) -> str:
 
 def gist_note(rows: dict) -> str:
     """What the gists of one history carry: 'gists: content gain over mc_foreign +0.0012 ± 0.0008; spread
-    lod1/lod2 0.412/0.087 (mean-pooled 0.869/0.502)', or '' when neither was measured."""
+    lod1/lod2 0.412/0.087 mean-pooled 0.869/0.502', or '' when neither was measured."""
     own, mean = rows.get("mc_recency", {}), rows.get("mc_mean", {})
     parts = []
     if "content_gain" in own:
