@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -198,8 +199,18 @@ def test_humaneval_results_go_to_the_report_and_wandb(env, monkeypatch, capsys):
     runs = [d for d in os.listdir(os.path.join(env, "wandb", "wandb")) if d.startswith("offline-run")]
     assert len(runs) == 1
     run_dir = os.path.join(env, "wandb", "wandb", runs[0])
-    records = open(os.path.join(run_dir, f"run-{runs[0].rsplit('-', 1)[1]}.wandb"), "rb").read()
-    for key in (b"chat_eval/HumanEval", b"chat_eval/centered_mean", b"model_step"):  # history keys, stored as text
+    path = os.path.join(run_dir, f"run-{runs[0].rsplit('-', 1)[1]}.wandb")
+    keys = (b"chat_eval/HumanEval", b"chat_eval/centered_mean", b"model_step")  # history keys, stored as text
+    # wandb's service process writes the offline record file; on a loaded machine it can land a moment after
+    # finish() returns, so wait for it (bounded) rather than read a half-written file.
+    deadline = time.monotonic() + 60
+    while True:
+        with open(path, "rb") as f:
+            records = f.read()
+        if all(key in records for key in keys) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for key in keys:
         assert key in records, key
 
 
