@@ -180,8 +180,9 @@ def eval_history(setup: EvalSetup, docs: torch.Tensor, methods: list[str]) -> di
             skipped[name] = str(e)
     out = summarize_history(results, skipped)
     for kind, method in (("gistnet", "mc_recency"), ("mean", "mc_mean")):
-        if trees.built(kind) and "loss" in out.get(method, {}):
-            out[method]["gist_spread"] = tree_gist_spreads(trees.built(kind))
+        built = trees.built(kind)
+        if built and "loss" in out.get(method, {}):
+            out[method]["gist_spread"] = tree_gist_spreads(built)
     return out
 
 

@@ -1,6 +1,7 @@
 """MCController: what one training step computes, and that every training knob changes what it says."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -176,6 +177,24 @@ def test_mc_variant_loss_weight_scales_the_variant_term():
         assert extra == pytest.approx(w * variant + lens_weight * lens, rel=1e-5) and variant > 0
     with pytest.raises(ValueError, match="mc_variant_loss_weight"):
         MCConfig(mc=True, mc_variant_loss_weight=0.0).validate()
+
+
+def test_mc_gist_content_weight_adds_the_weighted_term_and_its_gradient_to_gistnet():
+    x, y = _batch()
+    totals, grads = {}, {}
+    for w in (0.0, 2.0):
+        ctrl = _controller(mc_gist_content_weight=w)
+        total, _ = ctrl(x, y, step=0)
+        total.backward()
+        totals[w] = (float(total.detach()), float(ctrl.last_parts["gist_content_loss"].detach()))
+        grads[w] = torch.cat([p.grad.flatten() for p in ctrl.nets.gistnet.parameters() if p.grad is not None])
+        assert ctrl.step_metrics()["mc/gist_content_loss"] == pytest.approx(totals[w][1], rel=1e-5)
+    (off, content), (on, content_on) = totals[0.0], totals[2.0]
+    assert content == pytest.approx(content_on, rel=1e-5) and 0 < content < 2 * math.log(256)
+    assert on - off == pytest.approx(2.0 * content, rel=1e-4)
+    assert not torch.allclose(grads[0.0], grads[2.0])
+    with pytest.raises(ValueError, match="mc_gist_content_weight"):
+        MCConfig(mc=True, mc_gist_content_weight=-0.1).validate()
 
 
 def test_mc_lens_temperature_changes_the_fit():
