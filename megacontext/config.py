@@ -102,6 +102,9 @@ class MCConfig:
     # Weight of GistNet's content term (gist_content.py): each gist must name the tokens it covers. 0: off, the LM
     # loss alone trains GistNet, which can collapse to one placeholder vector per level (mc/gist_spread_lod{k}).
     mc_gist_content_weight: float = 0.0
+    # GistNet reads the token embeddings detached: the variant loss and the content term then train GistNet alone and
+    # never move the GPT's embedding table through the gists (the vanilla loss and the variants' raw tokens still do).
+    mc_gist_detach_input: bool = False
     # Bradley-Terry scale in nats, against the measured RMS of tail-loss differences between variants of a row
     # (`mc/pair_delta_rms`), which grows as the target length shrinks: 0.002, 0.035, 0.055, 0.12 over the quarters of
     # the README's 300-step CPU --mc base run (d4, T=512, K=8), 0.14 on val at the end. A fresh LensNet fitted for
@@ -372,6 +375,8 @@ def add_mc_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
              help="weight of the variants' next-token loss (how hard the GPT learns to read gists)")
     add_flag(g, "--mc_gist_content_weight", type=float, default=d.mc_gist_content_weight,
              help="weight of GistNet's content term: each gist names its tokens (0: off; see mc/gist_spread_lod*)")
+    add_flag(g, "--mc_gist_detach_input", type=str2bool, default=d.mc_gist_detach_input,
+             help="GistNet reads detached token embeddings: no gradient to the GPT's table through gists (1|0)")
     add_flag(g, "--mc_lens_temperature", type=float, default=d.mc_lens_temperature,
              help="Bradley-Terry scale in nats of tail loss (lower = sharper)")
     add_flag(g, "--mc_lens_adv_norm_beta", type=float, default=d.mc_lens_adv_norm_beta,

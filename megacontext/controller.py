@@ -240,9 +240,11 @@ class MCController:
         for k, gists in enumerate(levels, start=1):
             self.metrics.add(f"mc/gist_spread_lod{k}", gist_spread(gists.flatten(0, 1)))
         self.telemetry.emit("mc_timing", {**timings, "step": step, "total_ms": ctrl_ms})
-        with torch.set_grad_enabled(torch.is_grad_enabled() and c.mc_gist_content_weight > 0):  # else: a metric
-            content = gist_content_loss(levels, x, self.model.transformer.wte.weight, c.block_size)
-        self.metrics.add("mc/gist_content_loss", float(content.detach()))
+        content = x.new_zeros((), dtype=torch.float32)
+        if c.mc_gist_content_weight > 0 or not train:  # at weight 0 only a val metric: its logits are (gists, V)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and c.mc_gist_content_weight > 0):
+                content = gist_content_loss(levels, x, self.model.transformer.wte.weight, c.block_size)
+            self.metrics.add("mc/gist_content_loss", float(content.detach()))
         return {"variant_loss": variant_loss, "lens_loss": lens_out["lens_loss"], "gist_content_loss": content,
                 "regularisers": lens_out["kl"] + lens_out["budget"], "tail_loss": tail_loss, "target": target,
                 "wcs": [wc for r in rows for wc in (*r.focused, r.baseline)]}
@@ -287,6 +289,8 @@ class MCController:
         gists `gists_to_build` names only; and the levels' gists, Float[B, n_l, D] (NaN: not built)."""
         c = self.cfg
         embeds = self.model.embed(x)  # (B, T, D)
+        if c.mc_gist_detach_input:
+            embeds = embeds.detach()
         levels = build_gist_levels(embeds, self.nets.gist, c.block_size, c.mc_max_lod,
                                    self.gists_to_build(rows, x.shape[1]))
         trees = [MegaContextTree(RamTreeStore.from_levels(x[b], [g[b] for g in levels], c.block_size, c.mc_max_lod),

@@ -10,7 +10,7 @@ cosines, scaled by sqrt(D) so a perfect match is a confident logit), it must giv
 
 The table is detached in the score, so the term pulls gists toward the embeddings the GPT already reads rather
 than the table toward the gists (its gradient still reaches the embeddings through the children GistNet reads,
-as the LM loss's does). A constant gist scores the same on every block, so it pays the whole bag-of-words
+as the LM loss's does, unless `--mc_gist_detach_input` detaches them). A constant gist scores the same on every block, so it pays the whole bag-of-words
 entropy of the text.
 """
 

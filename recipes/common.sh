@@ -155,9 +155,9 @@ MC_KNOBS=(block_size mc_max_lod mc_tree mc_tree_dir gistnet_type gistnet_layers 
   allocator_scores allocator_expand_threshold allocator_collapse_threshold allocator_max_replacements allocator_iterations
   allocator_sample_top_k allocator_sample_temperature allocator_cooldown mc_wc_max mc_positional mc_refocus_interval
   mc_aux_dtype mc_num_random_variants mc_train_wc_length mc_wc_anneal_fraction mc_max_counterfactuals
-  mc_lens_loss_weight mc_variant_loss_weight mc_gist_content_weight mc_lens_temperature mc_lens_adv_norm_beta
-  mc_lens_kl_weight mc_lens_budget_smooth_weight mc_lens_budget_smooth_beta mc_lens_hard_negative_ratio mc_lr
-  mc_telemetry_jsonl mc_auto_batch)
+  mc_lens_loss_weight mc_variant_loss_weight mc_gist_content_weight mc_gist_detach_input mc_lens_temperature
+  mc_lens_adv_norm_beta mc_lens_kl_weight mc_lens_budget_smooth_weight mc_lens_budget_smooth_beta
+  mc_lens_hard_negative_ratio mc_lr mc_telemetry_jsonl mc_auto_batch)
 MC=0
 MC_ARGS=()
 

@@ -181,20 +181,34 @@ def test_mc_variant_loss_weight_scales_the_variant_term():
 
 def test_mc_gist_content_weight_adds_the_weighted_term_and_its_gradient_to_gistnet():
     x, y = _batch()
-    totals, grads = {}, {}
+    totals, grads, val = {}, {}, {}
     for w in (0.0, 2.0):
         ctrl = _controller(mc_gist_content_weight=w)
         total, _ = ctrl(x, y, step=0)
         total.backward()
         totals[w] = (float(total.detach()), float(ctrl.last_parts["gist_content_loss"].detach()))
         grads[w] = torch.cat([p.grad.flatten() for p in ctrl.nets.gistnet.parameters() if p.grad is not None])
-        assert ctrl.step_metrics()["mc/gist_content_loss"] == pytest.approx(totals[w][1], rel=1e-5)
-    (off, content), (on, content_on) = totals[0.0], totals[2.0]
-    assert content == pytest.approx(content_on, rel=1e-5) and 0 < content < 2 * math.log(256)
+        val[w] = ctrl.evaluate([(x, y)], step=0)["mc_val/gist_content_loss"]
+        assert ("mc/gist_content_loss" in ctrl.step_metrics()) == (w > 0)  # at weight 0 a val metric only
+    (off, content_off), (on, content) = totals[0.0], totals[2.0]
+    assert content_off == 0 and 0 < content < 2 * math.log(256)
+    assert val[0.0] > 0 and val[2.0] > 0
     assert on - off == pytest.approx(2.0 * content, rel=1e-4)
     assert not torch.allclose(grads[0.0], grads[2.0])
     with pytest.raises(ValueError, match="mc_gist_content_weight"):
         MCConfig(mc=True, mc_gist_content_weight=-0.1).validate()
+
+
+def test_mc_gist_detach_input_keeps_the_gists_gradient_off_the_token_table():
+    x, y = _batch()
+    for detach in (False, True):
+        ctrl = _controller(mc_gist_content_weight=1.0, mc_gist_detach_input=detach)
+        ctrl(x, y, step=0)
+        ctrl.last_parts["gist_content_loss"].backward()  # the table is detached in the score: only GistNet's input
+        wte = ctrl.model.transformer.wte.weight.grad
+        gist_grad = [p.grad for p in ctrl.nets.gistnet.parameters() if p.grad is not None]
+        assert gist_grad and any(float(g.abs().sum()) > 0 for g in gist_grad)
+        assert (wte is None or float(wte.abs().sum()) == 0) == detach
 
 
 def test_mc_lens_temperature_changes_the_fit():
