@@ -242,8 +242,7 @@ class MCController:
         self.telemetry.emit("mc_timing", {**timings, "step": step, "total_ms": ctrl_ms})
         content = x.new_zeros((), dtype=torch.float32)
         if c.mc_gist_content_weight > 0 or not train:  # at weight 0 only a val metric: its logits are (gists, V)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and c.mc_gist_content_weight > 0):
-                content = gist_content_loss(levels, x, self.model.transformer.wte.weight, c.block_size)
+            content = gist_content_loss(levels, x, self.model.transformer.wte.weight, c.block_size)
             self.metrics.add("mc/gist_content_loss", float(content.detach()))
         return {"variant_loss": variant_loss, "lens_loss": lens_out["lens_loss"], "gist_content_loss": content,
                 "regularisers": lens_out["kl"] + lens_out["budget"], "tail_loss": tail_loss, "target": target,

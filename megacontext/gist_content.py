@@ -8,10 +8,10 @@ cosines, scaled by sqrt(D) so a perfect match is a confident logit), it must giv
 
     loss = mean over built gists g and their covered tokens t of  -log softmax_v(sqrt(D) cos(g, wte[v]))[t]
 
-The table is detached in the score, so the term pulls gists toward the embeddings the GPT already reads rather
-than the table toward the gists (its gradient still reaches the embeddings through the children GistNet reads,
-as the LM loss's does, unless `--mc_gist_detach_input` detaches them). A constant gist scores the same on every block, so it pays the whole bag-of-words
-entropy of the text.
+The table is detached in the score, so the term pulls gists toward the embeddings the GPT already reads rather than
+the table toward the gists (its gradient still reaches the embeddings through the children GistNet reads, as the LM
+loss's does, unless `--mc_gist_detach_input` detaches them). A constant gist scores the same on every block, so it
+pays the whole bag-of-words entropy of the text.
 """
 
 import torch
