@@ -106,6 +106,10 @@ class MCConfig:
     # never move the GPT's embedding table through the gists (the vanilla loss and the variants' raw tokens still do).
     # With W = 1 at 64 entries (README, 4,000 CPU steps) it changed val bpb by +0.004 and -0.016 on two seeds: no help.
     mc_gist_detach_input: bool = False
+    # The variants' loss trains the GPT too (1), or only GistNet and the level embedding (0): gradient still flows
+    # through the GPT to the gists, but none lands on its weights, so the GPT follows vanilla's trajectory exactly
+    # (same tokens and seed) and GistNet must learn gists that a model never trained on gists can read.
+    mc_variant_trains_base: bool = True
     # Bradley-Terry scale in nats, against the measured RMS of tail-loss differences between variants of a row
     # (`mc/pair_delta_rms`), which grows as the target length shrinks: 0.002, 0.035, 0.055, 0.12 over the quarters of
     # the README's 300-step CPU --mc base run (d4, T=512, K=8), 0.14 on val at the end. A fresh LensNet fitted for
@@ -378,6 +382,8 @@ def add_mc_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
              help="weight of GistNet's content term: each gist names its tokens (0: off; see mc/gist_spread_lod*)")
     add_flag(g, "--mc_gist_detach_input", type=str2bool, default=d.mc_gist_detach_input,
              help="GistNet reads detached token embeddings: no gradient to the GPT's table through gists (1|0)")
+    add_flag(g, "--mc_variant_trains_base", type=str2bool, default=d.mc_variant_trains_base,
+             help="the variants' loss also trains the GPT (1), or only the MC nets: the GPT stays vanilla's (0)")
     add_flag(g, "--mc_lens_temperature", type=float, default=d.mc_lens_temperature,
              help="Bradley-Terry scale in nats of tail loss (lower = sharper)")
     add_flag(g, "--mc_lens_adv_norm_beta", type=float, default=d.mc_lens_adv_norm_beta,

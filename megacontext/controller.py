@@ -27,7 +27,9 @@ Per micro-batch (each row of x is one sequence of max_seq_len tokens, y the next
 5. refocuses one sampled WC with the allocator on LensNet's scores to report swap rate and residency.
 Objective: vanilla full-sequence loss + `--mc_variant_loss_weight` × MC variant loss + `--mc_lens_loss_weight` ×
 lens loss (+ the weighted LensNet regularisers, + `--mc_gist_content_weight` × GistNet's content term,
-gist_content.py). It returns data and never prints; telemetry events go to the provider it was given.
+gist_content.py). With `--mc_variant_trains_base 0` the variant loss trains the MC nets only and the GPT's
+weights get the vanilla loss's gradient alone. It returns data and never prints; telemetry events go to the
+provider it was given.
 Trees are built in RAM whatever `--mc_tree` says: they hold the autograd graph back to GistNet and live for one
 micro-batch. `--mc_tree` is recorded with the nets and chooses the store of inference sessions.
 """
@@ -211,15 +213,15 @@ class MCController:
         tails = [shared_raw_tail(r.focused) for r in rows]  # per row: the target tokens its variants are compared on
         with self.telemetry.span("positional", into=timings):
             batch = build_wc_batch(variants, [trees[b] for b in range(B) for _ in range(n)], self.nets,
-                                   self.model.embed, c.mc_positional, self.model.config.head_dim, self.device)
+                                   self._embed, c.mc_positional, self.model.config.head_dim, self.device)
             W = batch.embeds.shape[1]
             targets = stack_targets([next_token_targets(wc, y_np[i // n]) for i, wc in enumerate(variants)], W,
                                     self.device)
             tail = torch.from_numpy(shared_tail_mask([len(wc) for wc in variants], W,
                                                      [t for t in tails for _ in range(n)])).to(self.device)
         gpt_time = time.perf_counter()
-        per_token = self.model(inputs_embeds=batch.embeds, rotary=batch.rotary, targets=targets,
-                               loss_reduction="none", targeted_only=True).float()  # (B*n, W); gists: no projection
+        per_token = self._variant_gpt(inputs_embeds=batch.embeds, rotary=batch.rotary, targets=targets,
+                                      loss_reduction="none", targeted_only=True).float()  # (B*n, W); gists: no projection
         gpt_time = time.perf_counter() - gpt_time
         valid = targets >= 0
         variant_loss = (per_token * valid).sum() / valid.sum().clamp(min=1)
@@ -287,14 +289,27 @@ class MCController:
         """One RAM tree per row over its T tokens, each gist level from one GistNet call (autograd kept), on the
         gists `gists_to_build` names only; and the levels' gists, Float[B, n_l, D] (NaN: not built)."""
         c = self.cfg
-        embeds = self.model.embed(x)  # (B, T, D)
+        embeds = self._embed(x)  # (B, T, D)
         if c.mc_gist_detach_input:
             embeds = embeds.detach()
         levels = build_gist_levels(embeds, self.nets.gist, c.block_size, c.mc_max_lod,
                                    self.gists_to_build(rows, x.shape[1]))
         trees = [MegaContextTree(RamTreeStore.from_levels(x[b], [g[b] for g in levels], c.block_size, c.mc_max_lod),
-                                 self.model.embed, self.nets.gist) for b in range(x.shape[0])]
+                                 self._embed, self.nets.gist) for b in range(x.shape[0])]
         return trees, levels
+
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """The GPT's token embeddings of idx, detached unless the variants train the GPT."""
+        embeds = self.model.embed(idx)
+        return embeds if self.cfg.mc_variant_trains_base else embeds.detach()
+
+    def _variant_gpt(self, **kwargs) -> torch.Tensor:
+        """The GPT on the variants. With --mc_variant_trains_base 0 it runs on detached copies of its weights, so
+        the loss reaches the gists (and through them GistNet) but leaves no gradient on the GPT."""
+        if self.cfg.mc_variant_trains_base:
+            return self.model(**kwargs)
+        frozen = {name: t.detach() for name, t in (*self.model.named_parameters(), *self.model.named_buffers())}
+        return torch.func.functional_call(self.model, frozen, kwargs=kwargs)
 
     def _lens_terms(self, batch, wcs, var_tail, B, n, step) -> dict:
         """LensNet's scores on the variants and its fit to their measured tail losses (Float[B*n])."""

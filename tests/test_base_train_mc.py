@@ -65,6 +65,20 @@ def test_mc_auto_batch_prints_the_resulting_batch(corpus, capsys):
     assert out["step"] == plan.num_iterations
 
 
+def test_mc_variant_trains_base_0_leaves_the_gpt_on_vanilla_s_trajectory(corpus):
+    vanilla_args = [a for a in TINY_MC if a == "--depth=1" or not a.startswith(("--mc", "--block", "--gistnet",
+                                                                                  "--lensnet"))]
+    common = ["--num-iterations=3", "--eval-every=3", "--save-every=3"]
+    vanilla = base_train.main(vanilla_args + common)
+    frozen = base_train.main(TINY_MC + common + ["--mc-variant-trains-base=0"])
+    trained = base_train.main(TINY_MC + common + ["--model-tag=trained"])
+    gpt = {name: load_checkpoint(out["checkpoint_dir"], 3, "cpu")[0]
+           for name, out in (("vanilla", vanilla), ("frozen", frozen), ("trained", trained))}
+    assert frozen["losses"] == vanilla["losses"] and trained["losses"] != vanilla["losses"]
+    assert all(torch.equal(gpt["frozen"][k], v) for k, v in gpt["vanilla"].items())
+    assert not all(torch.equal(gpt["trained"][k], v) for k, v in gpt["vanilla"].items())
+
+
 @pytest.mark.slow
 def test_two_processes_with_mc_match_one_process_with_accumulation(corpus):
     common = TINY_MC + ["--num-iterations=3", "--eval-every=3", "--total-batch-size=128", "--device-batch-size=2"]

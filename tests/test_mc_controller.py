@@ -211,6 +211,23 @@ def test_mc_gist_detach_input_keeps_the_gists_gradient_off_the_token_table():
         assert (wte is None or float(wte.abs().sum()) == 0) == detach
 
 
+def test_mc_variant_trains_base_0_leaves_the_gpt_the_vanilla_gradient():
+    x, y = _batch()
+    for trains_base in (True, False):
+        ctrl = _controller(mc_variant_trains_base=trains_base)
+        gpt = list(ctrl.model.parameters())
+        total, vanilla = ctrl(x, y, step=0)
+        total.backward()
+        with_mc = [p.grad.clone() for p in gpt]
+        ctrl.model.zero_grad(set_to_none=True)
+        ctrl.model(x, y).backward()
+        same = all(torch.equal(a, p.grad) for a, p in zip(with_mc, gpt, strict=True))
+        assert same == (not trains_base)
+        gist_grad = [p.grad for p in ctrl.nets.gistnet.parameters() if p.grad is not None]
+        assert gist_grad and any(float(g.abs().sum()) > 0 for g in gist_grad)  # the variants still train GistNet
+        assert float(ctrl.nets.level_embedding.emb.weight.grad.abs().sum()) > 0
+
+
 def test_mc_lens_temperature_changes_the_fit():
     x, y = _batch()
     losses = [float(_controller(mc_lens_temperature=t).variant_losses(x, y, 0, True)["lens_loss"].detach())
@@ -221,7 +238,7 @@ def test_mc_lens_temperature_changes_the_fit():
 def test_mc_lens_kl_weight_adds_the_policy_kl():
     x, y = _batch()
     ctrl = _controller(mc_lens_kl_weight=2.0)
-    reg = float(ctrl.variant_losses(x, y, 0, True)["regularisers"])
+    reg = float(ctrl.variant_losses(x, y, 0, True)["regularisers"].detach())
     assert reg > 0
     assert float(_controller().variant_losses(x, y, 0, True)["regularisers"]) == 0.0
     assert float(policy_kl_to_neutral(torch.zeros(5))) == pytest.approx(0.0, abs=1e-7)
