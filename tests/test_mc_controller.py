@@ -240,7 +240,7 @@ def test_mc_lens_kl_weight_adds_the_policy_kl():
     ctrl = _controller(mc_lens_kl_weight=2.0)
     reg = float(ctrl.variant_losses(x, y, 0, True)["regularisers"].detach())
     assert reg > 0
-    assert float(_controller().variant_losses(x, y, 0, True)["regularisers"]) == 0.0
+    assert float(_controller().variant_losses(x, y, 0, True)["regularisers"].detach()) == 0.0
     assert float(policy_kl_to_neutral(torch.zeros(5))) == pytest.approx(0.0, abs=1e-7)
 
 
