@@ -13,9 +13,10 @@ from scripts import base_train
 from tests.conftest import read_jsonl, torchrun
 from tests.test_dataloader import make_corpus
 
-TINY_MC = ["--depth=1", "--max-seq-len=32", "--device-batch-size=2", "--total-batch-size=128", "--eval-tokens=128",
-           "--core-metric-every=-1", "--sample-every=-1", "--device-type=cpu", "--mc", "--block-size=4",
-           "--mc-num-random-variants=2", "--mc-auto-batch=0", "--gistnet-layers=1", "--lensnet-layers=1"]
+TINY = ["--depth=1", "--max-seq-len=32", "--device-batch-size=2", "--total-batch-size=128", "--eval-tokens=128",
+        "--core-metric-every=-1", "--sample-every=-1", "--device-type=cpu"]
+TINY_MC = TINY + ["--mc", "--block-size=4", "--mc-num-random-variants=2", "--mc-auto-batch=0", "--gistnet-layers=1",
+                  "--lensnet-layers=1"]
 
 
 @pytest.fixture
@@ -66,10 +67,8 @@ def test_mc_auto_batch_prints_the_resulting_batch(corpus, capsys):
 
 
 def test_mc_variant_trains_base_0_leaves_the_gpt_on_vanilla_s_trajectory(corpus):
-    vanilla_args = [a for a in TINY_MC if a == "--depth=1" or not a.startswith(("--mc", "--block", "--gistnet",
-                                                                                  "--lensnet"))]
     common = ["--num-iterations=3", "--eval-every=3", "--save-every=3"]
-    vanilla = base_train.main(vanilla_args + common)
+    vanilla = base_train.main(TINY + common)
     frozen = base_train.main(TINY_MC + common + ["--mc-variant-trains-base=0"])
     trained = base_train.main(TINY_MC + common + ["--model-tag=trained"])
     gpt = {name: load_checkpoint(out["checkpoint_dir"], 3, "cpu")[0]
